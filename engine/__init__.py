@@ -1,0 +1,1 @@
+"""Low-memory runtime: model, loaders, sampler, backends and CLI."""

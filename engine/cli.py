@@ -1,0 +1,152 @@
+"""`auraflow-edge`: a thin CLI, one function per subcommand.
+
+Heavy stacks (torch, onnxruntime, tensorrt) are imported inside the branch that needs them, so
+``--help`` and the ONNX Runtime path never import torch. Errors become one line on stderr and a
+non-zero exit; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+from .errors import UserError
+
+
+def _log(args, msg: str) -> None:
+    if not args.quiet:
+        print(msg, file=sys.stderr)
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=3.5)
+    p.add_argument("--seed", type=int, default=0, help="numpy PCG64 seed for the initial latents")
+    p.add_argument("--height", type=int, default=1024)
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--noise", help="float32 .npy of shape (1, 4, H/8, W/8) used as the initial latents")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime", "tensorrt"])
+    p.add_argument(
+        "--precision", default="fp32", help="torch backend: fp32 | bf16 | fp16 | int8 | fp8 | int4"
+    )
+    p.add_argument("--device", default="cpu", help="cpu | cuda")
+    p.add_argument("--components", help="pipeline folder with tokenizer/text_encoder/vae for a single file")
+    p.add_argument("-o", "--output", default="out.png")
+
+
+def cmd_generate(args) -> int:
+    from .image import save_png
+    from .pipeline import Pipeline
+
+    out = Path(args.output)
+    if out.suffix.lower() != ".png":
+        raise UserError(f"{out}: output must be a .png file")
+    if not out.parent.exists():
+        raise UserError(f"{out.parent}: output folder does not exist")
+    opts = {}
+    if args.backend in ("auto", "torch") and args.precision:
+        opts["precision"] = args.precision
+    pipe = Pipeline.load(
+        args.model, backend=args.backend, device=args.device, components=args.components, **opts
+    )
+    res = pipe.generate(
+        args.prompt,
+        negative_prompt=args.negative_prompt,
+        steps=args.steps,
+        guidance=args.guidance,
+        seed=args.seed,
+        height=args.height,
+        width=args.width,
+        noise=args.noise,
+        progress=not args.quiet,
+    )
+    save_png(res.image, out, res.parameters)
+    for s in res.stages:
+        peak = f", peak {s.peak_bytes / 2**20:.0f} MiB" if s.peak_bytes else ""
+        _log(args, f"{s.name}: {s.seconds:.2f} s{peak}")
+    _log(args, f"wrote {out}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import make_tiny_pipeline
+
+    root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="auraflow-edge-demo-"))
+    folder = root / "tiny-auraflow"
+    if not (folder / "model_index.json").exists():
+        _log(args, f"writing a tiny random AuraFlow pipeline to {folder}")
+        make_tiny_pipeline(folder)
+    args.model, args.output = str(folder), str(root / "demo.png")
+    args.prompt, args.negative_prompt = "a photo of a cat sitting on a red sofa", ""
+    args.steps, args.guidance, args.seed = args.steps, 3.5, 0
+    args.height = args.width = 128
+    args.noise, args.backend, args.precision, args.device, args.components = (
+        None,
+        "torch",
+        "fp32",
+        "cpu",
+        None,
+    )
+    cmd_generate(args)
+    print(f"demo image: {args.output}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="auraflow-edge", description="Quantized low-memory AuraFlow inference")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks")
+    ap.add_argument("--quiet", action="store_true", help="no progress output")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    # The global flags are accepted after the subcommand too.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+    common.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS)
+    sub.common = common
+
+    g = sub.add_parser("generate", help="text to image", parents=[common])
+    g.add_argument(
+        "model", help="diffusers folder, single .safetensors file, cached hub id, or engine folder"
+    )
+    _add_generation_args(g)
+    g.set_defaults(fn=cmd_generate)
+
+    d = sub.add_parser(
+        "demo", help="make a tiny random model locally and generate with it (CPU)", parents=[common]
+    )
+    d.add_argument("--dir", help="where to write the model and image (default: a new temp folder)")
+    d.add_argument("--steps", type=int, default=4)
+    d.set_defaults(fn=cmd_demo)
+
+    from . import cli_export
+
+    cli_export.add_commands(sub)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    try:
+        return args.fn(args)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # unexpected: still one line unless --debug
+        if args.debug:
+            raise
+        print(f"error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

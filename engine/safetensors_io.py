@@ -1,0 +1,103 @@
+"""A streaming safetensors reader: one tensor at a time with plain reads (no mmap, no pickle).
+
+mmap would make every touched page count in the process RSS until the whole file is unmapped;
+plain reads keep peak memory at about one tensor, which is what streamed export relies on.
+Returns numpy arrays (bf16 and fp8 through ml_dtypes), so the torch-free runtime can use it too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from .errors import UserError
+
+DTYPES = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+}
+_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+class SafetensorsFile:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            size = self.path.stat().st_size
+            with open(self.path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                if n > size - 8 or n > 100_000_000:
+                    raise ValueError("header length out of range")
+                header = json.loads(f.read(n))
+        except FileNotFoundError:
+            raise UserError(f"{self.path}: file not found") from None
+        except (ValueError, struct.error, UnicodeDecodeError) as e:
+            raise UserError(f"{self.path}: not a safetensors file ({e})") from None
+        self.metadata = header.pop("__metadata__", {}) or {}
+        self.entries = header
+        self.base = 8 + n
+        end = max((e["data_offsets"][1] for e in header.values()), default=0)
+        if self.base + end > size:
+            raise UserError(
+                f"{self.path}: truncated ({size} bytes, header says {self.base + end}); re-download or re-save it"
+            )
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.entries[key]["shape"])
+
+    def dtype(self, key: str) -> np.dtype:
+        return DTYPES[self.entries[key]["dtype"]]
+
+    def nbytes(self, key: str) -> int:
+        a, b = self.entries[key]["data_offsets"]
+        return b - a
+
+    def read(self, key: str) -> np.ndarray:
+        e = self.entries[key]
+        if e["dtype"] not in DTYPES:
+            raise UserError(f"{self.path}: tensor {key} has unsupported dtype {e['dtype']}")
+        a, b = e["data_offsets"]
+        with open(self.path, "rb") as f:
+            f.seek(self.base + a)
+            buf = f.read(b - a)
+        return np.frombuffer(buf, dtype=DTYPES[e["dtype"]]).reshape(e["shape"])
+
+
+def save_file(tensors: dict[str, np.ndarray], path: str | Path, metadata: dict | None = None) -> None:
+    """Write numpy arrays (any dtype in DTYPES, bf16/fp8 included) as safetensors, atomically."""
+    path = Path(path)
+    header, off = {}, 0
+    arrays = {}
+    for k, v in tensors.items():
+        v = np.ascontiguousarray(v)
+        header[k] = {"dtype": _NAMES[v.dtype], "shape": list(v.shape), "data_offsets": [off, off + v.nbytes]}
+        arrays[k] = v
+        off += v.nbytes
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    hb = json.dumps(header, separators=(",", ":")).encode()
+    hb += b" " * (-len(hb) % 8)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(hb)))
+        f.write(hb)
+        for v in arrays.values():
+            f.write(v.tobytes())
+    os.replace(tmp, path)

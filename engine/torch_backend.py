@@ -1,0 +1,202 @@
+"""Torch backend: the reference stages (text encoder, transformer, VAE decoder) as numpy callables.
+
+Each stage is loaded when needed and released with ``close()`` so the pipeline can run them one at
+a time inside a memory budget. The transformer is built on the meta device and its weights are
+assigned tensor by tensor from safetensors (never two copies of the model).
+"""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import torch
+
+from .checkpoint import ModelFolder, open_model
+from .errors import UserError
+from .model import AuraFlowTransformer, check_latent_size
+from .safetensors_io import SafetensorsFile
+from .schedule import Schedule
+from .stages import StageSet
+
+
+def _quiet_libraries() -> None:
+    """transformers/diffusers log and draw bars on every load; our own progress is enough."""
+    import diffusers
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def torch_device(name: str) -> torch.device:
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda requested but torch sees no CUDA GPU; use --device cpu")
+    return torch.device(name)
+
+
+def release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def load_transformer(mf: ModelFolder, dtype: torch.dtype, device: torch.device) -> AuraFlowTransformer:
+    with torch.device("meta"):
+        model = AuraFlowTransformer(mf.transformer_cfg)
+    expected = dict(model.named_parameters())
+    missing = [n for n in expected if n not in mf.weights.index]
+    if missing:
+        raise UserError(
+            f"{mf.root}: transformer checkpoint is missing {len(missing)} tensors, e.g. {missing[0]}"
+        )
+    for name in expected:
+        arr = mf.weights.read(name)
+        if tuple(arr.shape) != tuple(expected[name].shape):
+            raise UserError(
+                f"{mf.root}: tensor {name} has shape {tuple(arr.shape)}, expected {tuple(expected[name].shape)}"
+            )
+        t = torch.from_numpy(np.array(arr.astype(np.float32) if arr.dtype.itemsize < 4 else arr))
+        mod_name, _, pname = name.rpartition(".")
+        mod = model.get_submodule(mod_name) if mod_name else model
+        setattr(mod, pname, torch.nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False))
+    return model.eval()
+
+
+class TorchTransformer:
+    """Callable ``(latents, context, step) -> velocity`` over numpy float32 arrays."""
+
+    def __init__(self, mf: ModelFolder, precision: str = "fp32", device: str = "cpu", model=None):
+        self.device = torch_device(device)
+        self.dtype = DTYPES[precision]
+        self.cfg = mf.transformer_cfg
+        self.model = model if model is not None else load_transformer(mf, self.dtype, self.device)
+        self.timesteps: np.ndarray | None = None
+
+    def prepare(self, schedule: Schedule) -> None:
+        self.timesteps = schedule.timesteps
+
+    @torch.no_grad()
+    def __call__(self, latents: np.ndarray, context: np.ndarray, step: int) -> np.ndarray:
+        check_latent_size(self.cfg, latents.shape[2], latents.shape[3])
+        b = latents.shape[0]
+        x = torch.from_numpy(latents).to(self.device, self.dtype)
+        c = torch.from_numpy(context).to(self.device, self.dtype)
+        # The reference pipeline casts t/1000 to the latent dtype before the sinusoid.
+        t = torch.full((b,), float(self.timesteps[step]), dtype=self.dtype, device=self.device)
+        out = self.model(x, c, timestep=t)
+        return out.float().cpu().numpy()
+
+    def close(self) -> None:
+        self.model = None
+        release(self.device)
+
+
+class TorchTextEncoder:
+    def __init__(self, folder, precision: str = "fp32", device: str = "cpu"):
+        from transformers import UMT5EncoderModel
+
+        _quiet_libraries()
+        self.device = torch_device(device)
+        try:
+            self.model = UMT5EncoderModel.from_pretrained(
+                folder, torch_dtype=DTYPES[precision], use_safetensors=True
+            ).to(self.device)
+        except OSError as e:
+            raise UserError(f"{folder}: cannot load the text encoder ({str(e).splitlines()[0]})") from None
+        self.model.eval()
+
+    @torch.no_grad()
+    def __call__(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        i = torch.from_numpy(ids).to(self.device)
+        m = torch.from_numpy(mask).to(self.device)
+        out = self.model(input_ids=i, attention_mask=m)[0]
+        out = out * m[..., None].to(out.dtype)
+        return out.float().cpu().numpy()
+
+    def close(self) -> None:
+        self.model = None
+        release(self.device)
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """VAE output (B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, as diffusers' image processor."""
+    x = np.clip(image / 2 + 0.5, 0, 1)
+    return (x.transpose(0, 2, 3, 1) * 255).round().astype(np.uint8)
+
+
+class TorchVAEDecoder:
+    def __init__(self, folder, precision: str = "fp32", device: str = "cpu"):
+        from diffusers import AutoencoderKL
+
+        _quiet_libraries()
+        self.device = torch_device(device)
+        try:
+            vae = AutoencoderKL.from_pretrained(folder, use_safetensors=True)
+        except OSError as e:
+            raise UserError(f"{folder}: cannot load the VAE ({str(e).splitlines()[0]})") from None
+        dtype = DTYPES[precision]
+        if vae.config.force_upcast:
+            dtype = torch.float32  # the SDXL VAE overflows in fp16
+        self.dtype = dtype
+        self.scaling = float(vae.config.scaling_factor)
+        self.model = vae.to(self.device, dtype).eval()
+
+    @torch.no_grad()
+    def decode_raw(self, latents: np.ndarray) -> np.ndarray:
+        """Latents already divided by the scaling factor -> decoder output in [-1, 1] (float32)."""
+        z = torch.from_numpy(np.ascontiguousarray(latents)).to(self.device, self.dtype)
+        return self.model.decode(z).sample.float().cpu().numpy()
+
+    def __call__(self, latents: np.ndarray) -> np.ndarray:
+        return to_uint8(self.decode_raw(latents / np.float32(self.scaling)))
+
+    def close(self) -> None:
+        self.model = None
+        release(self.device)
+
+
+class TorchStages(StageSet):
+    def __init__(
+        self, path, precision: str = "fp32", device: str = "cpu", components=None, keep_resident=False
+    ):
+        super().__init__()
+        if precision not in DTYPES:
+            raise UserError(f"precision {precision!r} is not available on the torch backend here")
+        self.mf = open_model(path, components)
+        self.precision, self.device_name = precision, device
+        self.device = torch_device(device)
+        self.keep_resident = keep_resident
+        self._validate()
+
+    def _validate(self) -> None:
+        """Fail before any compute: every component present, every weight file complete."""
+        for comp in ("tokenizer", "text_encoder", "vae"):
+            folder = self.mf.component(comp)
+            if comp != "tokenizer":
+                if not (folder / "config.json").is_file():
+                    raise UserError(f"{folder}: missing config.json")
+                for f in folder.glob("*.safetensors"):
+                    SafetensorsFile(f)
+
+    def _open(self, name: str, **shape):
+        if name == "text_encoder":
+            return TorchTextEncoder(self.mf.component("text_encoder"), self.precision, self.device_name)
+        if name == "transformer":
+            return TorchTransformer(self.mf, self.precision, self.device_name)
+        return TorchVAEDecoder(self.mf.component("vae"), self.precision, self.device_name)
+
+    def _device_peak_reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def _device_peak(self) -> int | None:
+        return torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+
+    def describe(self) -> dict:
+        return {"backend": "torch", "precision": self.precision, "device": self.device_name}

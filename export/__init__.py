@@ -1,0 +1,1 @@
+"""Export: streamed ONNX export, weight quantization, engine folders."""

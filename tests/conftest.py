@@ -1,0 +1,53 @@
+"""One tiny random AuraFlow pipeline (diffusers layout) shared by the whole suite."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    from auraflow_edge.engine.demo import make_tiny_pipeline
+
+    return make_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_noise():
+    """Initial latents for 64x96 px (latent 8x12), shared by the end-to-end tests."""
+    return np.random.default_rng(123).standard_normal((1, 4, 8, 12), dtype=np.float32)
+
+
+@pytest.fixture(scope="session")
+def reference_image(tiny_dir, tiny_noise):
+    """diffusers AuraFlowPipeline on the tiny folder: uint8 image and final latents."""
+    import torch
+    from diffusers import AuraFlowPipeline
+
+    pipe = AuraFlowPipeline.from_pretrained(tiny_dir)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(
+        "a photo of a cat",
+        negative_prompt="blurry",
+        num_inference_steps=4,
+        guidance_scale=3.5,
+        height=64,
+        width=96,
+        latents=torch.from_numpy(tiny_noise.copy()),
+        output_type="pil",
+    )
+    lat = pipe(
+        "a photo of a cat",
+        negative_prompt="blurry",
+        num_inference_steps=4,
+        guidance_scale=3.5,
+        height=64,
+        width=96,
+        latents=torch.from_numpy(tiny_noise.copy()),
+        output_type="latent",
+    )
+    return np.asarray(out.images[0]), lat.images.numpy()
+
+
+GEN = dict(prompt="a photo of a cat", negative_prompt="blurry", steps=4, guidance=3.5, height=64, width=96)
