@@ -2,6 +2,86 @@
 
 from __future__ import annotations
 
+import shlex
+import sys
+
+
+def cmd_build(args) -> int:
+    from ..export.build import build_engine
+
+    out = build_engine(
+        args.model,
+        args.output,
+        backend=args.backend,
+        precision=args.precision,
+        height=args.height,
+        width=args.width,
+        int4_block=args.int4_block,
+        components=args.components,
+        force=args.force,
+        quiet=args.quiet,
+        command="auraflow-edge " + shlex.join(sys.argv[1:]),
+    )
+    print(out)
+    return 0
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def cmd_inspect(args) -> int:
+    from .manifest import Manifest
+
+    m = Manifest.load(args.engine, verify=args.verify)
+    rows = [
+        ("backend", m["backend"]),
+        ("precision", m["precision"]),
+        ("build key", m["build_key"]),
+        ("source", m["source"]["model"]),
+        ("opset", str(m["opset"])),
+        ("shift", str(m["scheduler"]["shift"])),
+        ("tools", ", ".join(f"{k} {v}" for k, v in m["tools"].items())),
+        ("command", m.get("command", "")),
+    ]
+    for name, c in m["components"].items():
+        desc = c.get("file", c.get("dir", ""))
+        if "weight_bytes" in c:
+            desc += f"  weights {_size(c['weight_bytes'])}"
+        if "height" in c:
+            desc += f"  {c['width']}x{c['height']}  batch {c['batch']}  {c['dtype']}"
+        rows.append((name, desc))
+    w = max(len(r[0]) for r in rows)
+    for k, v in rows:
+        print(f"{k:<{w}}  {v}")
+    print()
+    print(f"{'file':<36} {'size':>10}  sha256")
+    for rel, e in m["files"].items():
+        print(f"{rel:<36} {_size(e['size']):>10}  {e['sha256'][:16]}")
+    if args.verify:
+        print("all checksums verified")
+    return 0
+
 
 def add_commands(sub) -> None:
-    pass
+    common = sub.common
+    b = sub.add_parser("build", help="export a model to an engine folder", parents=[common])
+    b.add_argument("model")
+    b.add_argument("-o", "--output", required=True)
+    b.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
+    b.add_argument("--precision", default="int8", help="fp32 | fp16 | bf16 | fp8 | int8 | int4")
+    b.add_argument("--height", type=int, default=1024)
+    b.add_argument("--width", type=int, default=1024)
+    b.add_argument("--int4-block", type=int, default=64)
+    b.add_argument("--components", help="pipeline folder with text_encoder/vae/tokenizer for a single file")
+    b.add_argument("--force", action="store_true", help="replace an existing engine folder")
+    b.set_defaults(fn=cmd_build)
+
+    i = sub.add_parser("inspect", help="print an engine folder's manifest", parents=[common])
+    i.add_argument("engine")
+    i.add_argument("--verify", action="store_true", help="check every file's sha256")
+    i.set_defaults(fn=cmd_inspect)

@@ -95,6 +95,9 @@ def make_tiny_pipeline(folder: str | Path, size: str = "tiny", seed: int = 0) ->
                 p.mul_(4.0)
             if name.endswith("bias"):
                 p.normal_(0, 0.1)
+            elif p.ndim == 2 and "norm" not in name:
+                # Uneven output channels, as trained weights have: a scale-layout bug cannot hide.
+                p.mul_(torch.exp(0.5 * torch.randn(p.shape[0], 1)))
     text_encoder = UMT5EncoderModel(
         UMT5Config(
             vocab_size=300,

@@ -12,6 +12,12 @@ from PIL import Image, PngImagePlugin
 from .errors import UserError
 
 
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """VAE output (B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, as diffusers' image processor."""
+    x = np.clip(image / 2 + 0.5, 0, 1)
+    return (x.transpose(0, 2, 3, 1) * 255).round().astype(np.uint8)
+
+
 def to_pil(image: np.ndarray) -> Image.Image:
     """(H, W, 3) uint8 -> PIL image."""
     return Image.fromarray(np.ascontiguousarray(image), mode="RGB")

@@ -38,13 +38,13 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Linear(cfg.patch_size**2 * cfg.in_channels, cfg.hidden)
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.pos_embed_max_size, cfg.hidden))
 
-    def pos_index(self, h_lat: int, w_lat: int) -> torch.Tensor:
-        """Flat indices of the centre crop of the positional grid (python ints: export-constant)."""
+    def pos_crop(self, h_lat: int, w_lat: int) -> torch.Tensor:
+        """Centre crop of the positional grid, flattened: (1, H/p * W/p, D). Slices only (export-friendly)."""
         p, g = self.cfg.patch_size, self.cfg.grid
         hp, wp = h_lat // p, w_lat // p
         r0, c0 = g // 2 - hp // 2, g // 2 - wp // 2
-        idx = [(r0 + r) * g + (c0 + c) for r in range(hp) for c in range(wp)]
-        return torch.tensor(idx, dtype=torch.long, device=self.pos_embed.device)
+        grid = self.pos_embed[:, : g * g].reshape(1, g, g, -1)
+        return grid[:, r0 : r0 + hp, c0 : c0 + wp].reshape(1, hp * wp, -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -52,7 +52,7 @@ class PatchEmbed(nn.Module):
         # (B, C, H, W) -> (B, H/p * W/p, C*p*p), patch vector ordered (c, py, px)
         x = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
         x = x.reshape(b, (h // p) * (w // p), c * p * p)
-        return self.proj(x) + self.pos_embed[:, self.pos_index(h, w)]
+        return self.proj(x) + self.pos_crop(h, w)
 
 
 class TimestepProj(nn.Module):

@@ -135,6 +135,8 @@ class Pipeline:
     ) -> Result:
         check_size(height, width)
         check_latent_size(self.cfg, height // 8, width // 8)
+        if hasattr(self.stages, "check_shape"):
+            self.stages.check_shape(height, width)
         if not isinstance(steps, int) or steps < 1:
             raise UserError(f"steps must be an integer >= 1, got {steps!r}")
         if not math.isfinite(guidance):

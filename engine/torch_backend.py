@@ -14,6 +14,7 @@ import torch
 
 from .checkpoint import ModelFolder, open_model
 from .errors import UserError
+from .image import to_uint8
 from .model import AuraFlowTransformer, check_latent_size
 from .safetensors_io import SafetensorsFile
 from .schedule import Schedule
@@ -122,12 +123,6 @@ class TorchTextEncoder:
     def close(self) -> None:
         self.model = None
         release(self.device)
-
-
-def to_uint8(image: np.ndarray) -> np.ndarray:
-    """VAE output (B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, as diffusers' image processor."""
-    x = np.clip(image / 2 + 0.5, 0, 1)
-    return (x.transpose(0, 2, 3, 1) * 255).round().astype(np.uint8)
 
 
 class TorchVAEDecoder:

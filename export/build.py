@@ -1,0 +1,270 @@
+"""`auraflow-edge build`: model -> engine folder (ONNX + external data, modulation weights, tokenizer, manifest).
+
+The folder is assembled under a temporary name next to the destination and renamed when
+complete, so a failed or interrupted build never leaves a half-written engine. A rebuild with
+the same settings (same build key) reuses the folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from ..engine.checkpoint import open_model
+from ..engine.errors import UserError
+from ..engine.manifest import MANIFEST, VERSION, Manifest, file_entry, write_manifest
+from ..engine.model_config import check_latent_size
+from ..engine.modulation import write_modulation_weights
+from .onnx_export import OPSET, WeightPolicy, save_model, stream_weights
+
+PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "int8", "int4")
+# Linears kept in high precision in every quantized build (see bench/precision_error.py):
+# the patch embedding (K = 16) and the final projection (N = 16) are tiny and sit at the ends of
+# the network where their error is not averaged away.
+KEEP_FLOAT = ("pos_embed.proj", "proj_out")
+
+
+def policies(precision: str, backend: str, int4_block: int) -> dict[str, WeightPolicy]:
+    """Per component weight policy for a precision and backend."""
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    ort = backend == "onnxruntime"
+    if ort and precision == "bf16":
+        raise UserError(
+            "ONNX Runtime has no bf16 kernels for these graphs; use fp32, fp16, int8, fp8 or int4"
+        )
+    if int4_block < 16 or int4_block & (int4_block - 1):
+        raise UserError(f"--int4-block must be a power of two >= 16, got {int4_block}")
+    if precision in ("fp32", "fp16", "bf16"):
+        tr = WeightPolicy("float", precision)
+        te = WeightPolicy("float", "fp32" if ort else precision)
+    else:
+        act = "fp32" if ort else "fp16"
+        tr = WeightPolicy(precision, act, int4_block, ort_native=ort, keep=KEEP_FLOAT)
+        # UMT5 overflows in fp16 activations; its weights still quantize (1.2 B parameters).
+        te = WeightPolicy(precision, "fp32", int4_block, ort_native=ort)
+    return {"transformer": tr, "text_encoder": te, "vae_decoder": WeightPolicy("float", "fp32")}
+
+
+def _tool_versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("auraflow-edge", "torch", "onnx", "onnxruntime", "onnxscript", "diffusers", "transformers"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _source_fingerprint(mf) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps(mf.transformer_cfg.to_dict(), sort_keys=True).encode())
+    for f in sorted(mf.weights.files):
+        st = Path(f).stat()
+        h.update(f"{Path(f).name}:{st.st_size}:{int(st.st_mtime)}".encode())
+    return h.hexdigest()
+
+
+class _Progress:
+    def __init__(self, quiet: bool):
+        self.quiet, self.t0 = quiet, time.perf_counter()
+
+    def say(self, msg: str) -> None:
+        if not self.quiet:
+            print(f"[{time.perf_counter() - self.t0:6.1f}s] {msg}", file=sys.stderr)
+
+    def bar(self, desc: str):
+        if self.quiet:
+            return None
+        from tqdm import tqdm
+
+        state = {}
+
+        def cb(i, n):
+            if "bar" not in state:
+                state["bar"] = tqdm(total=n, desc=desc, unit="tensor", file=sys.stderr, leave=False)
+            state["bar"].update(1)
+            if i == n:
+                state["bar"].close()
+
+        return cb
+
+
+def build_engine(
+    model: str,
+    out: str | Path,
+    backend: str = "onnxruntime",
+    precision: str = "int8",
+    height: int = 1024,
+    width: int = 1024,
+    int4_block: int = 64,
+    components: str | None = None,
+    force: bool = False,
+    quiet: bool = False,
+    command: str = "",
+) -> Path:
+    if backend == "tensorrt":
+        from .tensorrt_build import build_tensorrt
+
+        return build_tensorrt(
+            model, out, precision=precision, height=height, width=width, quiet=quiet, force=force
+        )
+    if backend != "onnxruntime":
+        raise UserError(f"unknown build backend {backend!r}; choose onnxruntime or tensorrt")
+    from ..engine.pipeline import check_size
+
+    check_size(height, width)
+    out = Path(out)
+    mf = open_model(model, components)
+    check_latent_size(mf.transformer_cfg, height // 8, width // 8)
+    pol = policies(precision, backend, int4_block)
+    key_data = {
+        "version": VERSION,
+        "source": _source_fingerprint(mf),
+        "backend": backend,
+        "precision": precision,
+        "policies": {k: asdict(v) for k, v in pol.items()},
+        "shape": [height, width],
+        "opset": OPSET,
+        "tools": _tool_versions(),
+    }
+    build_key = hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:16]
+    if (out / MANIFEST).exists() and not force:
+        try:
+            old = Manifest.load(out)
+        except UserError:
+            old = None
+        if old is not None and old.get("build_key") == build_key:
+            if not quiet:
+                print(f"{out}: up to date (build key {build_key}); reusing it", file=sys.stderr)
+            return out
+        raise UserError(f"{out} already holds a different engine; pass --force to replace it")
+    if out.exists() and not (out / MANIFEST).exists() and any(out.iterdir()):
+        raise UserError(f"{out} exists and is not an engine folder; choose another -o")
+    if not out.parent.exists():
+        raise UserError(f"{out.parent}: folder does not exist")
+
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    prog = _Progress(quiet)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.build-", dir=out.parent))
+    try:
+        comps = {}
+        cfg = mf.transformer_cfg
+        from .components import (
+            FolderReader,
+            text_encoder_aliases,
+            trace_text_encoder,
+            trace_transformer,
+            trace_vae_decoder,
+        )
+
+        prog.say(
+            f"tracing the transformer ({cfg.hidden} wide, {cfg.num_mmdit_layers}+{cfg.num_single_dit_layers} blocks) on meta"
+        )
+        proto, rename = trace_transformer(cfg, height, width, pol["transformer"].act_dtype)
+        prog.say(f"writing transformer weights as {precision}")
+        st = stream_weights(
+            proto,
+            lambda n: mf.weights.read(rename(n)),
+            pol["transformer"],
+            tmp / "transformer.onnx.data",
+            progress=prog.bar("transformer"),
+        )
+        save_model(proto, tmp / "transformer.onnx")
+        comps["transformer"] = {
+            "file": "transformer.onnx",
+            "data": "transformer.onnx.data",
+            "inputs": ["latents", "context", "modulation"],
+            "outputs": ["velocity"],
+            "dtype": pol["transformer"].act_dtype,
+            "height": height,
+            "width": width,
+            "batch": [1, 2],
+            "weight_bytes": st.bytes_written,
+            "bytes_by_format": st.by_format,
+        }
+        prog.say("writing the folded modulation weights")
+        nb = write_modulation_weights(cfg, mf.weights.read, tmp / "modulation.safetensors")
+        comps["modulation"] = {"file": "modulation.safetensors", "weight_bytes": nb}
+
+        te_dir = mf.component("text_encoder")
+        prog.say("tracing the text encoder")
+        proto, rename = trace_text_encoder(te_dir, pol["text_encoder"].act_dtype)
+        rd = FolderReader(te_dir, text_encoder_aliases())
+        st = stream_weights(
+            proto,
+            lambda n: rd(rename(n)),
+            pol["text_encoder"],
+            tmp / "text_encoder.onnx.data",
+            progress=prog.bar("text encoder"),
+        )
+        save_model(proto, tmp / "text_encoder.onnx")
+        comps["text_encoder"] = {
+            "file": "text_encoder.onnx",
+            "data": "text_encoder.onnx.data",
+            "inputs": ["input_ids", "attention_mask"],
+            "outputs": ["hidden_states"],
+            "dtype": pol["text_encoder"].act_dtype,
+            "weight_bytes": st.bytes_written,
+        }
+
+        vae_dir = mf.component("vae")
+        prog.say("tracing the VAE decoder")
+        vcfg = json.loads((vae_dir / "config.json").read_text())
+        proto, rename = trace_vae_decoder(vae_dir)
+        rd = FolderReader(vae_dir)
+        st = stream_weights(proto, lambda n: rd(rename(n)), pol["vae_decoder"], tmp / "vae_decoder.onnx.data")
+        save_model(proto, tmp / "vae_decoder.onnx")
+        comps["vae_decoder"] = {
+            "file": "vae_decoder.onnx",
+            "data": "vae_decoder.onnx.data",
+            "inputs": ["latents"],
+            "outputs": ["image"],
+            "dtype": "fp32",
+            "scaling_factor": float(vcfg.get("scaling_factor", 0.13025)),
+            "weight_bytes": st.bytes_written,
+        }
+
+        tok = mf.component("tokenizer")
+        (tmp / "tokenizer").mkdir()
+        for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if (tok / f).is_file():
+                shutil.copy2(tok / f, tmp / "tokenizer" / f)
+        comps["tokenizer"] = {"dir": "tokenizer"}
+
+        prog.say("checksumming")
+        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        write_manifest(
+            tmp,
+            {
+                "build_key": build_key,
+                "backend": backend,
+                "precision": precision,
+                "quantization": {k: asdict(v) for k, v in pol.items()},
+                "source": {"model": str(model), "fingerprint": key_data["source"]},
+                "transformer_config": cfg.to_dict(),
+                "scheduler": {"shift": mf.scheduler_shift()},
+                "opset": OPSET,
+                "components": comps,
+                "files": {f: file_entry(tmp, f) for f in files},
+                "tools": key_data["tools"],
+                "command": command,
+            },
+        )
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    prog.say(f"engine written to {out}")
+    return out

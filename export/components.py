@@ -1,0 +1,148 @@
+"""One description per exported component: names, dynamic axes, sample inputs, and its tracer.
+
+Export, build and runtime all read these, so tensor names never need translating.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..engine.checkpoint import ModelFolder
+from ..engine.model_config import AuraFlowConfig
+from ..engine.safetensors_io import SafetensorsFile
+
+TEXT_LENGTH = 256
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    name: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    # symbolic axes per input: {input: {axis: dim_name}}
+    dynamic: dict
+
+
+TRANSFORMER = ComponentSpec(
+    "transformer",
+    ("latents", "context", "modulation"),
+    ("velocity",),
+    {"latents": {0: "batch"}, "context": {0: "batch"}},
+)
+TEXT_ENCODER = ComponentSpec("text_encoder", ("input_ids", "attention_mask"), ("hidden_states",), {})
+VAE_DECODER = ComponentSpec("vae_decoder", ("latents",), ("image",), {"latents": {2: "height", 3: "width"}})
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def trace_transformer(cfg: AuraFlowConfig, height: int, width: int, act_dtype: str = "fp32"):
+    """Weightless graph of the folded transformer: (latents, context, modulation) -> velocity."""
+    import torch
+
+    from ..engine.model import AuraFlowTransformer
+    from .onnx_export import trace
+
+    class Folded(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, latents, context, modulation):
+            return self.m(latents, context, modulation=modulation)
+
+    dt = _torch_dtype(act_dtype)
+    with torch.device("meta"):
+        model = Folded(AuraFlowTransformer(cfg)).to(dt).eval()
+        # Modulation linears and the timestep MLP are folded out: they must not reach the graph.
+        args = (
+            torch.zeros(2, cfg.in_channels, height // 8, width // 8, dtype=dt),
+            torch.zeros(2, TEXT_LENGTH, cfg.joint_attention_dim, dtype=dt),
+            torch.zeros(1, cfg.num_modulations, cfg.hidden, dtype=dt),
+        )
+    batch = torch.export.Dim("batch", min=1, max=2)
+    dyn = {"latents": {0: batch}, "context": {0: batch}, "modulation": None}
+    proto = trace(model, args, TRANSFORMER.inputs, TRANSFORMER.outputs, dyn)
+    return proto, (lambda n: n[2:] if n.startswith("m.") else n)
+
+
+def trace_text_encoder(folder: Path, act_dtype: str = "fp32"):
+    import torch
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from .onnx_export import trace
+
+    cfg = UMT5Config.from_pretrained(folder)
+
+    class Enc(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = UMT5EncoderModel(cfg)
+
+        def forward(self, input_ids, attention_mask):
+            h = self.m(input_ids=input_ids, attention_mask=attention_mask)[0]
+            return h * attention_mask[..., None].to(h.dtype)  # pad positions zeroed, as the pipeline does
+
+    dt = _torch_dtype(act_dtype)
+    with torch.device("meta"):
+        model = Enc().to(dt).eval()
+        args = (torch.zeros(1, TEXT_LENGTH, dtype=torch.long), torch.ones(1, TEXT_LENGTH, dtype=torch.long))
+    proto = trace(model, args, TEXT_ENCODER.inputs, TEXT_ENCODER.outputs)
+    return proto, (lambda n: n[2:] if n.startswith("m.") else n)
+
+
+def trace_vae_decoder(folder: Path):
+    """latents already divided by the scaling factor -> image in [-1, 1]; fp32 (the SDXL VAE overflows in fp16)."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from .onnx_export import trace
+
+    cfg = AutoencoderKL.load_config(folder)
+
+    class Dec(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = AutoencoderKL.from_config(cfg)
+
+        def forward(self, latents):
+            return self.m.decode(latents).sample
+
+    with torch.device("meta"):
+        model = Dec().eval()
+        args = (torch.zeros(1, cfg["latent_channels"], 16, 24),)
+    h, w = torch.export.Dim("h", min=2, max=512), torch.export.Dim("w", min=2, max=512)
+    proto = trace(model, args, VAE_DECODER.inputs, VAE_DECODER.outputs, {"latents": {2: h, 3: w}})
+    return proto, (lambda n: n[2:] if n.startswith("m.") else n)
+
+
+class FolderReader:
+    """Reads a component's safetensors by name (aliases for tied weights)."""
+
+    def __init__(self, folder: Path, aliases: dict[str, str] | None = None):
+        self.index: dict[str, SafetensorsFile] = {}
+        for f in sorted(folder.glob("*.safetensors")):
+            sf = SafetensorsFile(f)
+            for k in sf.keys():
+                self.index[k] = sf
+        self.aliases = aliases or {}
+
+    def __call__(self, name: str) -> np.ndarray:
+        key = name if name in self.index else self.aliases.get(name, name)
+        if key not in self.index:
+            raise KeyError(name)
+        return self.index[key].read(key)
+
+
+def transformer_reader(mf: ModelFolder):
+    return mf.weights.read
+
+
+def text_encoder_aliases() -> dict[str, str]:
+    return {"encoder.embed_tokens.weight": "shared.weight", "shared.weight": "encoder.embed_tokens.weight"}
