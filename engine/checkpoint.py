@@ -64,6 +64,10 @@ class WeightSource:
         f, k, _ = self.index[name]
         return self.files[f].shape(k)
 
+    def dtype(self, name: str) -> np.dtype:
+        f, k, _ = self.index[name]
+        return self.files[f].dtype(k)
+
     def nbytes(self, name: str) -> int:
         f, k, _ = self.index[name]
         return self.files[f].nbytes(k)

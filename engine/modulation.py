@@ -11,7 +11,7 @@ import math
 import numpy as np
 
 from .model_config import AuraFlowConfig
-from .safetensors_io import SafetensorsFile, save_file
+from .safetensors_io import SafetensorsFile, save_streamed
 
 
 def modulation_names(cfg: AuraFlowConfig) -> list[str]:
@@ -34,12 +34,12 @@ TIME_NAMES = [
 ]
 
 
-def write_modulation_weights(cfg: AuraFlowConfig, read, path) -> int:
-    """Copy the timestep MLP and modulation linears (stored dtype kept) into one safetensors file."""
+def write_modulation_weights(cfg: AuraFlowConfig, source, path) -> int:
+    """Copy the timestep MLP and modulation linears (stored dtype kept) into one safetensors file,
+    one tensor at a time (they are 2.29 B parameters for v0.3). ``source`` is a WeightSource."""
     names = TIME_NAMES + modulation_names(cfg)
-    tensors = {n: read(n) for n in names}
-    save_file(tensors, path)
-    return sum(t.nbytes for t in tensors.values())
+    specs = [(n, source.shape(n), source.dtype(n)) for n in names]
+    return save_streamed(specs, source.read, path)
 
 
 def _silu(x: np.ndarray) -> np.ndarray:

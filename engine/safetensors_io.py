@@ -82,22 +82,39 @@ class SafetensorsFile:
 
 def save_file(tensors: dict[str, np.ndarray], path: str | Path, metadata: dict | None = None) -> None:
     """Write numpy arrays (any dtype in DTYPES, bf16/fp8 included) as safetensors, atomically."""
+    specs = [(k, v.shape, v.dtype) for k, v in tensors.items()]
+    save_streamed(specs, lambda k: tensors[k], path, metadata)
+
+
+def save_streamed(specs, produce, path: str | Path, metadata: dict | None = None) -> int:
+    """Write tensors one at a time: ``specs`` = [(name, shape, dtype)], ``produce(name)`` -> array.
+
+    Only one tensor is in memory at a time (the header is computed from the specs first).
+    Returns the number of data bytes written.
+    """
     path = Path(path)
     header, off = {}, 0
-    arrays = {}
-    for k, v in tensors.items():
-        v = np.ascontiguousarray(v)
-        header[k] = {"dtype": _NAMES[v.dtype], "shape": list(v.shape), "data_offsets": [off, off + v.nbytes]}
-        arrays[k] = v
-        off += v.nbytes
+    for k, shape, dtype in specs:
+        n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        header[k] = {"dtype": _NAMES[np.dtype(dtype)], "shape": list(shape), "data_offsets": [off, off + n]}
+        off += n
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     hb = json.dumps(header, separators=(",", ":")).encode()
     hb += b" " * (-len(hb) % 8)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(hb)))
-        f.write(hb)
-        for v in arrays.values():
-            f.write(v.tobytes())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(hb)))
+            f.write(hb)
+            for k, shape, dtype in specs:
+                v = np.ascontiguousarray(produce(k), dtype=dtype)
+                if tuple(v.shape) != tuple(shape):
+                    raise ValueError(f"{k}: produced shape {v.shape}, declared {tuple(shape)}")
+                f.write(v.tobytes())
+                del v
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return off

@@ -159,42 +159,9 @@ def build_engine(
     try:
         comps = {}
         cfg = mf.transformer_cfg
-        from .components import (
-            FolderReader,
-            text_encoder_aliases,
-            trace_text_encoder,
-            trace_transformer,
-            trace_vae_decoder,
-        )
+        from .components import FolderReader, text_encoder_aliases, trace_text_encoder, trace_vae_decoder
 
-        prog.say(
-            f"tracing the transformer ({cfg.hidden} wide, {cfg.num_mmdit_layers}+{cfg.num_single_dit_layers} blocks) on meta"
-        )
-        proto, rename = trace_transformer(cfg, height, width, pol["transformer"].act_dtype)
-        prog.say(f"writing transformer weights as {precision}")
-        st = stream_weights(
-            proto,
-            lambda n: mf.weights.read(rename(n)),
-            pol["transformer"],
-            tmp / "transformer.onnx.data",
-            progress=prog.bar("transformer"),
-        )
-        save_model(proto, tmp / "transformer.onnx")
-        comps["transformer"] = {
-            "file": "transformer.onnx",
-            "data": "transformer.onnx.data",
-            "inputs": ["latents", "context", "modulation"],
-            "outputs": ["velocity"],
-            "dtype": pol["transformer"].act_dtype,
-            "height": height,
-            "width": width,
-            "batch": [1, 2],
-            "weight_bytes": st.bytes_written,
-            "bytes_by_format": st.by_format,
-        }
-        prog.say("writing the folded modulation weights")
-        nb = write_modulation_weights(cfg, mf.weights.read, tmp / "modulation.safetensors")
-        comps["modulation"] = {"file": "modulation.safetensors", "weight_bytes": nb}
+        comps.update(export_transformer(mf, tmp, pol["transformer"], height, width, prog))
 
         te_dir = mf.component("text_encoder")
         prog.say("tracing the text encoder")
@@ -268,3 +235,41 @@ def build_engine(
         raise
     prog.say(f"engine written to {out}")
     return out
+
+
+def export_transformer(mf, folder: Path, policy: WeightPolicy, height: int, width: int, prog=None) -> dict:
+    """The transformer graph + weights and the folded modulation weights, streamed into ``folder``."""
+    from .components import trace_transformer
+
+    prog = prog or _Progress(True)
+    cfg = mf.transformer_cfg
+    prog.say(
+        f"tracing the transformer ({cfg.hidden} wide, {cfg.num_mmdit_layers}+{cfg.num_single_dit_layers} blocks) on meta"
+    )
+    proto, rename = trace_transformer(cfg, height, width, policy.act_dtype)
+    prog.say(f"writing transformer weights ({policy.fmt}, activations {policy.act_dtype})")
+    st = stream_weights(
+        proto,
+        lambda n: mf.weights.read(rename(n)),
+        policy,
+        folder / "transformer.onnx.data",
+        progress=prog.bar("transformer"),
+    )
+    save_model(proto, folder / "transformer.onnx")
+    prog.say("writing the folded modulation weights")
+    nb = write_modulation_weights(cfg, mf.weights, folder / "modulation.safetensors")
+    return {
+        "transformer": {
+            "file": "transformer.onnx",
+            "data": "transformer.onnx.data",
+            "inputs": ["latents", "context", "modulation"],
+            "outputs": ["velocity"],
+            "dtype": policy.act_dtype,
+            "height": height,
+            "width": width,
+            "batch": [1, 2],
+            "weight_bytes": st.bytes_written,
+            "bytes_by_format": st.by_format,
+        },
+        "modulation": {"file": "modulation.safetensors", "weight_bytes": nb},
+    }
