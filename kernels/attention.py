@@ -152,11 +152,18 @@ if triton is not None:
 
 
 def block_sizes(head_dim: int, int8: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages): fits sm_86's 99 KiB of shared memory at d = 256
-    without spills (checked by bench/kernel_resources.py for sm_86/89/90)."""
-    if head_dim > 128:
-        return (64, 32, 4, 2) if not int8 else (64, 64, 4, 2)
-    return (64, 64, 4, 2)
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages), chosen so no variant spills registers and all fit
+    sm_86's 99 KiB of shared memory (bench/kernel_resources.py checks sm_86/89/90)."""
+    if head_dim <= 64:
+        return (64, 64, 4, 2)
+    if head_dim <= 128 or int8:
+        return (64, 64, 8, 2)
+    return (64, 32, 8, 2)
+
+
+def q_norm_in_kernel(head_dim: int) -> bool:
+    """At d = 256 an in-kernel LayerNorm of the Q tile would spill; Q then goes through the row pre-pass."""
+    return head_dim <= 128
 
 
 def _prep(
@@ -199,6 +206,8 @@ def attention(
     else:
         ka = _prep(k, norm=True, quant=False, block=bn, eps=eps)[0] if qk_norm else k
         qa, qs, ks, q_norm = q, o, o, qk_norm
+        if qk_norm and not q_norm_in_kernel(d):
+            qa, q_norm = _prep(q, norm=True, quant=False, block=bm, eps=eps)[0], False
     _attn_fwd[(triton.cdiv(nq, bm), b * h)](
         qa, ka, v, o, qs, ks,
         *qa.stride(), *ka.stride(), *v.stride(), *o.stride(),
