@@ -128,18 +128,23 @@ class Attention(nn.Module):
         return self.to_out[0](o[:, nc:]), self.to_add_out(o[:, :nc])
 
 
-def _stream(res, a, mod, ff, eps):
+def norm_modulate_ref(x, scale, shift, res=None, gate=None, eps: float = 1e-5):
+    """LN(x) * (1 + scale) + shift, or LN(res + gate * x) * (1 + scale) + shift; vectors (Bm, D)."""
+    h = x if res is None else res + gate[:, None] * x
+    return fp32_layer_norm(h, eps) * (1 + scale[:, None]) + shift[:, None]
+
+
+def _stream(res, a, mod, ff, eps, nm):
     """AuraFlow's residual structure: out = res + g_mlp*FF(LN(res + g_msa*a)*(1+s_mlp)+b_mlp).
 
     ``mod`` holds the 6 vectors (Bm, 6, D): shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp.
     """
-    h = fp32_layer_norm(res + mod[:, 2, None] * a, eps)
-    h = h * (1 + mod[:, 4, None]) + mod[:, 3, None]
+    h = nm(a, mod[:, 4], mod[:, 3], res=res, gate=mod[:, 2], eps=eps)
     return res + mod[:, 5, None] * ff(h)
 
 
-def _modulate_in(x, mod, eps):
-    return fp32_layer_norm(x, eps) * (1 + mod[:, 1, None]) + mod[:, 0, None]
+def _modulate_in(x, mod, eps, nm):
+    return nm(x, mod[:, 1], mod[:, 0], eps=eps)
 
 
 class JointBlock(nn.Module):
@@ -151,10 +156,12 @@ class JointBlock(nn.Module):
         self.attn = Attention(cfg, joint=True)
         self.ff = FeedForward(cfg.hidden, cfg.ff_hidden)
         self.ff_context = FeedForward(cfg.hidden, cfg.ff_hidden)
+        self.norm_modulate = norm_modulate_ref  # swappable: the fused Triton kernel on CUDA
 
     def forward(self, x, ctx, mod_x, mod_c):
-        a, ac = self.attn(_modulate_in(x, mod_x, self.eps), _modulate_in(ctx, mod_c, self.eps))
-        return _stream(x, a, mod_x, self.ff, self.eps), _stream(ctx, ac, mod_c, self.ff_context, self.eps)
+        nm, eps = self.norm_modulate, self.eps
+        a, ac = self.attn(_modulate_in(x, mod_x, eps, nm), _modulate_in(ctx, mod_c, eps, nm))
+        return _stream(x, a, mod_x, self.ff, eps, nm), _stream(ctx, ac, mod_c, self.ff_context, eps, nm)
 
 
 class SingleBlock(nn.Module):
@@ -164,9 +171,11 @@ class SingleBlock(nn.Module):
         self.norm1 = AdaLNZero(cfg.hidden)
         self.attn = Attention(cfg, joint=False)
         self.ff = FeedForward(cfg.hidden, cfg.ff_hidden)
+        self.norm_modulate = norm_modulate_ref
 
     def forward(self, x, mod):
-        return _stream(x, self.attn(_modulate_in(x, mod, self.eps)), mod, self.ff, self.eps)
+        nm = self.norm_modulate
+        return _stream(x, self.attn(_modulate_in(x, mod, self.eps, nm)), mod, self.ff, self.eps, nm)
 
 
 class PreFinal(nn.Module):

@@ -58,13 +58,14 @@ def sinusoid(t: np.ndarray, channels: int = 256) -> np.ndarray:
 class ModulationTable:
     """Evaluates (and caches per schedule) the (steps, rows, hidden) modulation table."""
 
-    def __init__(self, cfg: AuraFlowConfig, path):
+    def __init__(self, cfg: AuraFlowConfig, path=None, read=None):
+        """From the engine's modulation.safetensors (``path``) or any ``read(name)`` (a checkpoint)."""
         self.cfg = cfg
-        self.file = SafetensorsFile(path)
+        self.read = read if read is not None else SafetensorsFile(path).read
         self._cache: dict[bytes, np.ndarray] = {}
 
     def _w(self, name: str) -> np.ndarray:
-        return self.file.read(name).astype(np.float32)
+        return self.read(name).astype(np.float32)
 
     def __call__(self, timesteps: np.ndarray) -> np.ndarray:
         """timesteps (S,) in [0, 1] -> float32 (S, num_modulations, hidden)."""

@@ -161,8 +161,8 @@ class TorchStages(StageSet):
         self, path, precision: str = "fp32", device: str = "cpu", components=None, keep_resident=False
     ):
         super().__init__()
-        if precision not in DTYPES:
-            raise UserError(f"precision {precision!r} is not available on the torch backend here")
+        if precision not in DTYPES and precision not in ("int8", "fp8", "int4"):
+            raise UserError(f"unknown precision {precision!r}; choose fp32, bf16, fp16, int8, fp8 or int4")
         self.mf = open_model(path, components)
         self.precision, self.device_name = precision, device
         self.device = torch_device(device)
@@ -179,12 +179,26 @@ class TorchStages(StageSet):
                 for f in folder.glob("*.safetensors"):
                     SafetensorsFile(f)
 
+    @property
+    def float_precision(self) -> str:
+        """Activation precision of the float stages: bf16 on a GPU for quantized runs, else fp32."""
+        if self.precision in DTYPES:
+            return self.precision
+        return "bf16" if self.device.type == "cuda" else "fp32"
+
     def _open(self, name: str, **shape):
+        fp = self.float_precision
         if name == "text_encoder":
-            return TorchTextEncoder(self.mf.component("text_encoder"), self.precision, self.device_name)
+            # UMT5 overflows in fp16 activations: fp16 runs use bf16 text encoding on GPU, fp32 on CPU.
+            te = "fp32" if fp == "fp16" and self.device.type != "cuda" else ("bf16" if fp == "fp16" else fp)
+            return TorchTextEncoder(self.mf.component("text_encoder"), te, self.device_name)
         if name == "transformer":
-            return TorchTransformer(self.mf, self.precision, self.device_name)
-        return TorchVAEDecoder(self.mf.component("vae"), self.precision, self.device_name)
+            if self.precision in DTYPES:
+                return TorchTransformer(self.mf, self.precision, self.device_name)
+            from .torch_quant import QuantTorchTransformer
+
+            return QuantTorchTransformer(self.mf, self.precision, self.device, DTYPES[fp])
+        return TorchVAEDecoder(self.mf.component("vae"), fp, self.device_name)
 
     def _device_peak_reset(self) -> None:
         if self.device.type == "cuda":

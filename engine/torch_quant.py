@@ -1,0 +1,230 @@
+"""Quantized torch backend: weights quantized at load, linears swapped for 8-bit / 4-bit modules.
+
+Quantization is a transformation of the weights plus a module swap, kept out of the model
+definition. On CUDA with Triton the swapped modules run our kernels (W8A8 int8 or fp8 GEMMs
+with per-token activation scales, SwiGLU fused into the first feed-forward GEMM, weight-only
+int4, the fused qk-norm attention and the fused norm-modulate); elsewhere they run the reference
+ops on dequantized weights with the same activation quantization, so the numerics match.
+The timestep-only modulation is folded out: evaluated on the CPU in numpy, never on the device.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..export import quantize as qz
+from .checkpoint import ModelFolder
+from .errors import UserError
+from .model import AuraFlowTransformer, FeedForward, check_latent_size
+from .modulation import ModulationTable, modulation_names
+from .schedule import Schedule
+
+QUANT_PRECISIONS = ("int8", "fp8", "int4")
+KEEP_FLOAT = ("pos_embed.proj", "proj_out")
+
+
+def _kernels_ok(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _act_quant_ref(x: torch.Tensor, fmt: str):
+    """Per-token activation quantization (reference), returning the dequantized activation."""
+    from ..kernels.norm_modulate import quantize_rows_reference
+
+    q, s = quantize_rows_reference(x, "fp8" if fmt == "fp8" else "int8")
+    return q.float() * s[..., None]
+
+
+class QuantizedLinear(nn.Module):
+    """y = x @ dequant(W)^T; int8/fp8: W8A8 with per-token activation scales; int4: weight-only."""
+
+    def __init__(self, fmt: str, w: np.ndarray, device, dtype, use_kernels: bool, block: int = 64):
+        super().__init__()
+        self.fmt, self.dtype, self.use_kernels, self.block = fmt, dtype, use_kernels, block
+        self.out_features, self.in_features = w.shape
+        if fmt == "int4":
+            q, s = qz.quantize_int4(w, block)
+            from ..kernels.gemm import pack_int4_rows
+
+            self.register_buffer("w_q", pack_int4_rows(torch.from_numpy(q)).to(device))
+        elif fmt == "fp8":
+            q, s = qz.quantize_fp8(w)
+            self.register_buffer(
+                "w_q", torch.from_numpy(q.view(np.uint8)).view(torch.float8_e4m3fn).to(device)
+            )
+        else:
+            q, s = qz.quantize_int8(w)
+            self.register_buffer("w_q", torch.from_numpy(q).to(device))
+        self.register_buffer("w_s", torch.from_numpy(np.ascontiguousarray(s, np.float32)).to(device))
+
+    def dequantized(self) -> torch.Tensor:
+        from ..kernels.gemm import dequant_weight
+
+        if self.fmt == "int4":
+            return dequant_weight(self.w_q, self.w_s, self.block)
+        return self.w_q.float() * self.w_s[:, None]
+
+    def _quant_act(self, x2):
+        from ..kernels.norm_modulate import quantize_rows
+
+        return quantize_rows(x2, "fp8" if self.fmt == "fp8" else "int8")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if self.use_kernels:
+            from ..kernels.gemm import scaled_mm, weight_only_mm
+
+            if self.fmt == "int4":
+                y = weight_only_mm(x2.to(self.dtype).contiguous(), self.w_q, self.w_s, self.block)
+            else:
+                a_q, a_s = self._quant_act(x2.to(self.dtype))
+                y = scaled_mm(a_q, a_s, self.w_q, self.w_s, out_dtype=self.dtype)
+        else:
+            a = x2.float() if self.fmt == "int4" else _act_quant_ref(x2.float(), self.fmt)
+            y = a @ self.dequantized().T
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+
+class QuantizedFeedForward(nn.Module):
+    """out(silu(l1 x) * l2 x) with the SwiGLU in the first GEMM's epilogue (W8A8)."""
+
+    def __init__(self, l1: QuantizedLinear, l2: QuantizedLinear, out: QuantizedLinear):
+        super().__init__()
+        self.linear_1, self.linear_2, self.out_projection = l1, l2, out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        l1 = self.linear_1
+        if l1.use_kernels and l1.fmt in ("int8", "fp8"):
+            from ..kernels.gemm import scaled_mm
+
+            shape = x.shape
+            a_q, a_s = l1._quant_act(x.reshape(-1, shape[-1]).to(l1.dtype))
+            h = scaled_mm(
+                a_q, a_s, l1.w_q, l1.w_s, w2_q=self.linear_2.w_q, w2_s=self.linear_2.w_s, out_dtype=l1.dtype
+            )
+            return self.out_projection(h.reshape(*shape[:-1], -1)).to(x.dtype)
+        return self.out_projection(F.silu(self.linear_1(x)) * self.linear_2(x))
+
+
+def load_quantized_transformer(
+    mf: ModelFolder, fmt: str, device: torch.device, dtype: torch.dtype, int4_block: int = 64
+):
+    """Meta-built model; every linear quantized tensor by tensor; modulation linears never loaded."""
+    if fmt not in QUANT_PRECISIONS:
+        raise UserError(f"unknown quantized precision {fmt!r}")
+    if fmt == "fp8" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        raise UserError("fp8 needs an sm_89+ GPU (Ada, Hopper); use --precision int8 on this card")
+    use_k = _kernels_ok(device)
+    with torch.device("meta"):
+        model = AuraFlowTransformer(mf.transformer_cfg)
+    folded = set(modulation_names(mf.transformer_cfg)) | {
+        n for n in mf.weights.names() if n.startswith("time_step_proj.")
+    }
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    for name, mod in linears.items():
+        wname = name + ".weight"
+        if wname in folded:
+            continue
+        w = mf.weights.read(wname).astype(np.float32)
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if any(k in name for k in KEEP_FLOAT) or (fmt == "int4" and w.shape[1] % int4_block):
+            new = nn.Linear(w.shape[1], w.shape[0], bias=mod.bias is not None, device=device, dtype=dtype)
+            with torch.no_grad():
+                new.weight.copy_(torch.from_numpy(w))
+                if mod.bias is not None:
+                    new.bias.copy_(torch.from_numpy(mf.weights.read(name + ".bias").astype(np.float32)))
+        else:
+            new = QuantizedLinear(fmt, w, device, dtype, use_k, int4_block)
+        if isinstance(parent, nn.ModuleList):
+            parent[int(attr)] = new
+        else:
+            setattr(parent, attr, new)
+    for n, p in list(model.named_parameters()):
+        if p.is_meta and n not in folded and not any(n.startswith(k) for k in folded):
+            mod_name, _, pname = n.rpartition(".")
+            t = torch.from_numpy(mf.weights.read(n).astype(np.float32)).to(device, dtype)
+            setattr(
+                model.get_submodule(mod_name) if mod_name else model,
+                pname,
+                nn.Parameter(t, requires_grad=False),
+            )
+    _swap_feedforwards(model)
+    if use_k:
+        _install_kernels(model, qk_int8=fmt in ("int8", "fp8"))
+    return model.eval()
+
+
+def _swap_feedforwards(model: nn.Module) -> None:
+    for name, m in list(model.named_modules()):
+        if isinstance(m, FeedForward) and isinstance(m.linear_1, QuantizedLinear):
+            parent_name, _, attr = name.rpartition(".")
+            setattr(
+                model.get_submodule(parent_name),
+                attr,
+                QuantizedFeedForward(m.linear_1, m.linear_2, m.out_projection),
+            )
+
+
+def _install_kernels(model: nn.Module, qk_int8: bool) -> None:
+    from ..kernels.attention import attention
+    from ..kernels.norm_modulate import norm_modulate
+
+    def core(q, k, v, eps, scale):
+        return attention(q, k, v, qk_norm=True, eps=eps, qk_int8=qk_int8, scale=scale)
+
+    def nm(x, scale, shift, res=None, gate=None, eps=1e-5):
+        return norm_modulate(
+            x,
+            scale.expand(x.shape[0], -1),
+            shift.expand(x.shape[0], -1),
+            res=res,
+            gate=None if gate is None else gate.expand(x.shape[0], -1),
+            eps=eps,
+        )
+
+    for m in model.modules():
+        if hasattr(m, "core"):
+            m.core = core
+        if hasattr(m, "norm_modulate"):
+            m.norm_modulate = nm
+
+
+class QuantTorchTransformer:
+    """Callable ``(latents, context, step) -> velocity``; the modulation table comes from the CPU."""
+
+    def __init__(
+        self, mf: ModelFolder, fmt: str, device: torch.device, dtype: torch.dtype, int4_block: int = 64
+    ):
+        self.cfg = mf.transformer_cfg
+        self.device, self.dtype = device, dtype
+        self.model = load_quantized_transformer(mf, fmt, device, dtype, int4_block)
+        self.table = ModulationTable(self.cfg, read=mf.weights.read)
+        self.mod: torch.Tensor | None = None
+
+    def prepare(self, schedule: Schedule) -> None:
+        # (steps, rows, hidden): 242 x 3072 floats per step for v0.3, kept on the CPU until used
+        self.mod = torch.from_numpy(self.table(schedule.timesteps))
+
+    @torch.no_grad()
+    def __call__(self, latents: np.ndarray, context: np.ndarray, step: int) -> np.ndarray:
+        check_latent_size(self.cfg, latents.shape[2], latents.shape[3])
+        x = torch.from_numpy(latents).to(self.device, self.dtype)
+        c = torch.from_numpy(context).to(self.device, self.dtype)
+        m = self.mod[step : step + 1].to(self.device, self.dtype)
+        return self.model(x, c, modulation=m).float().cpu().numpy()
+
+    def close(self) -> None:
+        self.model = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()

@@ -1,0 +1,69 @@
+"""Quantized torch backend: reference path vs fp32, and the Triton kernel path (interpreter) vs reference."""
+
+import numpy as np
+import pytest
+import torch
+from auraflow_edge.engine.checkpoint import open_model
+from auraflow_edge.engine.modulation import ModulationTable
+from auraflow_edge.engine.pipeline import Pipeline
+from auraflow_edge.engine.torch_backend import load_transformer
+from auraflow_edge.engine.torch_quant import QuantizedLinear, _install_kernels, load_quantized_transformer
+from conftest import GEN
+
+
+def _inputs(mf):
+    g = torch.Generator().manual_seed(0)
+    x, c = torch.randn(2, 4, 8, 12, generator=g), torch.randn(2, 20, 32, generator=g)
+    mod = torch.from_numpy(
+        ModulationTable(mf.transformer_cfg, read=mf.weights.read)(np.array([0.7], np.float32))
+    )
+    return x, c, mod
+
+
+@pytest.mark.parametrize("fmt,max_rel", [("int8", 1.5e-2), ("fp8", 3e-2), ("int4", 3e-2)])
+def test_quantized_reference_path_close_to_fp32(tiny_dir, fmt, max_rel):
+    mf = open_model(tiny_dir)
+    x, c, mod = _inputs(mf)
+    ref = load_transformer(mf, torch.float32, torch.device("cpu"))
+    q = load_quantized_transformer(mf, fmt, torch.device("cpu"), torch.float32, int4_block=16)
+    assert any(isinstance(m, QuantizedLinear) for m in q.modules())
+    assert all(
+        not p.is_meta
+        for n, p in q.named_parameters()
+        if "norm1" not in n and "norm_out" not in n and "time_step" not in n
+    )
+    with torch.no_grad():
+        a, b = q(x, c, modulation=mod), ref(x, c, modulation=mod)
+    rel = ((a - b).norm() / b.norm()).item()
+    assert 1e-5 < rel < max_rel, rel
+
+
+INTERP_FP8 = pytest.mark.skip(
+    reason="Triton's CPU interpreter rounds fp32->fp8 wrongly at binade edges (124.3 -> 64, measured); "
+    "the fp8 kernel path runs on a GPU in bench/gpu_check.sh"
+)
+
+
+@pytest.mark.parametrize("fmt", ["int8", pytest.param("fp8", marks=INTERP_FP8), "int4"])
+def test_kernel_path_matches_reference_path(tiny_dir, fmt):
+    """The swapped-in Triton GEMMs, attention and norm-modulate (CPU interpreter) vs the reference ops."""
+    mf = open_model(tiny_dir)
+    x, c, mod = _inputs(mf)
+    ref = load_quantized_transformer(mf, fmt, torch.device("cpu"), torch.float32, int4_block=16)
+    ker = load_quantized_transformer(mf, fmt, torch.device("cpu"), torch.float32, int4_block=16)
+    for m in ker.modules():
+        if isinstance(m, QuantizedLinear):
+            m.use_kernels = True
+    _install_kernels(ker, qk_int8=False)
+    with torch.no_grad():
+        a, b = ker(x, c, modulation=mod), ref(x, c, modulation=mod)
+    assert torch.isfinite(a).all()
+    assert ((a - b).norm() / b.norm()).item() < 2e-3
+
+
+def test_generate_with_quantized_torch_backend(tiny_dir, tiny_noise):
+    ref = Pipeline.load(tiny_dir).generate(**GEN, noise=tiny_noise)
+    res = Pipeline.load(tiny_dir, precision="int8").generate(**GEN, noise=tiny_noise)
+    mse = np.mean((np.asarray(res.image, float) - np.asarray(ref.image, float)) ** 2)
+    assert 0 < mse and 10 * np.log10(255**2 / mse) > 45
+    assert res.parameters["precision"] == "int8"
