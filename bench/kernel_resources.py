@@ -15,159 +15,43 @@ import re
 import subprocess
 import sys
 import tempfile
-import warnings
 from pathlib import Path
 
 SMEM_LIMIT = {86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 
 
-def _ptxas() -> str:
+def _ptxas_candidates() -> list[str]:
+    """The CUDA toolkit's ptxas first (Triton's bundled one may be older than the PTX it emits)."""
+    import shutil
+
     import triton
 
-    p = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    return str(p) if p.exists() else "ptxas"
-
-
-def _i32(*names):
-    return {n: "i32" for n in names}
-
-
-def variants():
-    """(label, kernel, signature, constexprs, num_warps, num_stages, archs)."""
-    from auraflow_edge.kernels import attention as A
-    from auraflow_edge.kernels import gemm as G
-    from auraflow_edge.kernels import norm_modulate as N
-
-    out = []
-    strides = [f"s{t}{a}" for t in "qkvo" for a in "bhnd"]
-    for dt in ("fp16", "bf16"):
-        for int8 in (False, True):
-            for d in (64, 128, 256):
-                bm, bn, warps, stages = A.block_sizes(d, int8)
-                qt = "i8" if int8 else dt
-                sig = {
-                    "Q": f"*{qt}",
-                    "K": f"*{qt}",
-                    "V": f"*{dt}",
-                    "Out": f"*{dt}",
-                    "QS": "*fp32",
-                    "KS": "*fp32",
-                }
-                sig |= _i32(*strides, "H", "N_Q", "N_K", "D") | {"qk_scale": "fp32", "eps": "fp32"}
-                const = dict(
-                    Q_NORM=not int8 and A.q_norm_in_kernel(d),
-                    INT8=int8,
-                    IEEE=False,
-                    BLOCK_M=bm,
-                    BLOCK_N=bn,
-                    BLOCK_D=d,
-                )
-                out.append(
-                    (
-                        f"attention {dt} d{d}{' int8qk' if int8 else ''}",
-                        A._attn_fwd,
-                        sig,
-                        const,
-                        warps,
-                        stages,
-                        (86, 89, 90),
-                    )
-                )
-        for quant in (False, True):
-            sig = {"X": f"*{dt}", "Y": "*i8" if quant else f"*{dt}", "YS": "*fp32", "SHIFT": "*fp32"}
-            sig |= _i32("sxb", "sxh", "sxn", "sxd", "N", "D", "H") | {"eps": "fp32", "mult": "fp32"}
-            const = dict(NORM=True, HAS_SHIFT=quant, QUANT=quant, BLOCK=64, BLOCK_D=256)
-            out.append(
-                (
-                    f"rows_prep {dt} d256{' int8' if quant else ''}",
-                    A._rows_prep,
-                    sig,
-                    const,
-                    4,
-                    1,
-                    (86, 89, 90),
-                )
-            )
-        for quant, qt in ((0, dt), (1, "i8"), (2, "fp8e4nv")):
-            sig = {
-                "X": f"*{dt}",
-                "RES": f"*{dt}",
-                "GATE": f"*{dt}",
-                "SCALE": f"*{dt}",
-                "SHIFT": f"*{dt}",
-                "Y": f"*{qt}",
-                "YS": "*fp32",
-            }
-            sig |= _i32("N", "D") | {"eps": "fp32"}
-            const = dict(
-                HAS_RES=True, QUANT=quant, NORM=True, QMAX_=127.0 if quant == 1 else 448.0, BLOCK_D=4096
-            )
-            archs = (89, 90) if quant == 2 else (86, 89, 90)
-            out.append((f"norm_modulate {dt} D3072 out={qt}", N._norm_mod, sig, const, 8, 1, archs))
-        for int4 in (False, True):
-            sig = {"A": f"*{dt}", "W": "*u8" if int4 else "*i8", "WS": "*fp32", "C": f"*{dt}"}
-            sig |= _i32("M", "N", "K", "sam", "sak", "swn", "swk", "sws_n", "scm", "scn")
-            const = dict(INT4=int4, QBLOCK=64 if int4 else 1, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64)
-            out.append(
-                (
-                    f"weight_only {dt} {'int4' if int4 else 'int8'}",
-                    G._weight_only_mm,
-                    sig,
-                    const,
-                    4,
-                    3,
-                    (86, 89, 90),
-                )
-            )
-    for qt, archs in (("i8", (86, 89, 90)), ("fp8e4nv", (89, 90))):
-        for swiglu in (False, True):
-            sig = {
-                "A": f"*{qt}",
-                "AS": "*fp32",
-                "W": f"*{qt}",
-                "WS": "*fp32",
-                "W2": f"*{qt}",
-                "W2S": "*fp32",
-                "C": "*fp16",
-            }
-            sig |= _i32("M", "N", "K", "sam", "sak", "swn", "swk", "scm", "scn")
-            const = dict(SWIGLU=swiglu, IS_INT=qt == "i8", **G.GEMM_BLOCKS)
-            out.append(
-                (f"scaled_mm {qt}{' swiglu' if swiglu else ''}", G._scaled_mm, sig, const, 8, 3, archs)
-            )
-    return out
+    b = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    c = [shutil.which("ptxas"), str(b / "ptxas-blackwell"), str(b / "ptxas")]
+    return [x for x in c if x and Path(x).exists()]
 
 
 def compile_one(kernel, sig, const, arch: int, warps: int, stages: int) -> dict:
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from auraflow_edge.kernels.aot import compile_variant
 
-    sig = dict(sig)
-    for k in const:
-        sig[k] = "constexpr"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        k = triton.compile(
-            ASTSource(kernel, sig, const),
-            target=GPUTarget("cuda", arch, 32),
-            options={"num_warps": warps, "num_stages": stages},
-        )
+    k = compile_variant(kernel, sig, const, arch, warps, stages)
     with tempfile.TemporaryDirectory() as d:
         ptx = Path(d) / "k.ptx"
         ptx.write_text(k.asm["ptx"])
-        r = subprocess.run(
-            [
-                _ptxas(),
+        for exe in _ptxas_candidates():
+            cmd = [
+                exe,
                 f"-arch=sm_{arch}{'a' if arch == 90 else ''}",
                 "-v",
                 str(ptx),
                 "-o",
                 str(Path(d) / "k.o"),
-            ],
-            capture_output=True,
-            text=True,
-        )
+            ]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode == 0:
+                break
+        else:
+            raise RuntimeError(f"no ptxas could assemble the PTX for sm_{arch}: {r.stderr[-300:]}")
     info = r.stderr
     regs = int(re.search(r"Used (\d+) registers", info).group(1))
     spill = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", info))
@@ -191,6 +75,8 @@ def main() -> int:
     archs = [int(a) for a in args.arch.split(",")]
     rows, bad = [], []
     print(f"{'kernel':<40} {'arch':<6} {'regs':>4} {'spill B':>7} {'smem KiB':>8}")
+    from auraflow_edge.kernels.aot import variants
+
     for label, kern, sig, const, warps, stages, ok_archs in variants():
         if args.only not in label:
             continue

@@ -25,6 +25,7 @@ except ImportError:  # CPU-only installs: the reference path still works
     triton = None
 
 LOG2E = 1.4426950408889634
+PREP_WARPS = 8  # the row pre-pass holds a (64, 256) fp32 tile: 4 warps would spill
 
 
 def attention_reference(q, k, v, *, qk_norm: bool = True, eps: float = 1e-5, scale: float | None = None):
@@ -176,7 +177,7 @@ def _prep(
     sh = shift if shift is not None else ys
     _rows_prep[(triton.cdiv(n, block), b * h)](
         x, y, ys, sh, *x.stride(), n, d, h, eps, mult,
-        NORM=norm, HAS_SHIFT=shift is not None, QUANT=quant, BLOCK=block, BLOCK_D=bd,
+        NORM=norm, HAS_SHIFT=shift is not None, QUANT=quant, BLOCK=block, BLOCK_D=bd, num_warps=PREP_WARPS,
     )  # fmt: skip
     return y, ys
 

@@ -1,0 +1,245 @@
+"""Ahead-of-time compilation of every kernel variant for sm_86 / sm_89 / sm_90, with no GPU needed.
+
+    python -m auraflow_edge.kernels.aot --out build/aot [--arch 86,89,90]
+
+For each variant and architecture: ``triton.compile`` for that target, then a C file that embeds the
+cubin and exposes one entry point, ``CUresult afe_<variant>_sm<cc>(CUstream, gx, gy, gz, args...)``
+(the grid is the caller's: it depends on the shapes), loaded lazily through the CUDA driver API.
+``auraflow_edge_kernels.h`` declares them all; CMakeLists.txt builds them into one shared library
+for the TensorRT plugin and for runtimes without a Triton compiler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import warnings
+from pathlib import Path
+
+C_TYPES = {"i32": "int32_t", "fp32": "float", "i64": "int64_t"}
+
+
+def _i32(*names):
+    return {n: "i32" for n in names}
+
+
+def variants():
+    """(label, kernel, signature, constexprs, num_warps, num_stages, archs)."""
+    from auraflow_edge.kernels import attention as A
+    from auraflow_edge.kernels import gemm as G
+    from auraflow_edge.kernels import norm_modulate as N
+
+    out = []
+    strides = [f"s{t}{a}" for t in "qkvo" for a in "bhnd"]
+    for dt in ("fp16", "bf16"):
+        for int8 in (False, True):
+            for d in (64, 128, 256):
+                bm, bn, warps, stages = A.block_sizes(d, int8)
+                qt = "i8" if int8 else dt
+                sig = {
+                    "Q": f"*{qt}",
+                    "K": f"*{qt}",
+                    "V": f"*{dt}",
+                    "Out": f"*{dt}",
+                    "QS": "*fp32",
+                    "KS": "*fp32",
+                }
+                sig |= _i32(*strides, "H", "N_Q", "N_K", "D") | {"qk_scale": "fp32", "eps": "fp32"}
+                const = dict(
+                    Q_NORM=not int8 and A.q_norm_in_kernel(d),
+                    INT8=int8,
+                    IEEE=False,
+                    BLOCK_M=bm,
+                    BLOCK_N=bn,
+                    BLOCK_D=d,
+                )
+                out.append(
+                    (
+                        f"attention {dt} d{d}{' int8qk' if int8 else ''}",
+                        A._attn_fwd,
+                        sig,
+                        const,
+                        warps,
+                        stages,
+                        (86, 89, 90),
+                    )
+                )
+        for quant in (False, True):
+            sig = {"X": f"*{dt}", "Y": "*i8" if quant else f"*{dt}", "YS": "*fp32", "SHIFT": "*fp32"}
+            sig |= _i32("sxb", "sxh", "sxn", "sxd", "N", "D", "H") | {"eps": "fp32", "mult": "fp32"}
+            const = dict(NORM=True, HAS_SHIFT=quant, QUANT=quant, BLOCK=64, BLOCK_D=256)
+            out.append(
+                (
+                    f"rows_prep {dt} d256{' int8' if quant else ''}",
+                    A._rows_prep,
+                    sig,
+                    const,
+                    4,
+                    1,
+                    (86, 89, 90),
+                )
+            )
+        for quant, qt in ((0, dt), (1, "i8"), (2, "fp8e4nv")):
+            sig = {
+                "X": f"*{dt}",
+                "RES": f"*{dt}",
+                "GATE": f"*{dt}",
+                "SCALE": f"*{dt}",
+                "SHIFT": f"*{dt}",
+                "Y": f"*{qt}",
+                "YS": "*fp32",
+            }
+            sig |= _i32("N", "D") | {"eps": "fp32"}
+            const = dict(
+                HAS_RES=True, QUANT=quant, NORM=True, QMAX_=127.0 if quant == 1 else 448.0, BLOCK_D=4096
+            )
+            archs = (89, 90) if quant == 2 else (86, 89, 90)
+            out.append((f"norm_modulate {dt} D3072 out={qt}", N._norm_mod, sig, const, 8, 1, archs))
+        for int4 in (False, True):
+            sig = {"A": f"*{dt}", "W": "*u8" if int4 else "*i8", "WS": "*fp32", "C": f"*{dt}"}
+            sig |= _i32("M", "N", "K", "sam", "sak", "swn", "swk", "sws_n", "scm", "scn")
+            const = dict(INT4=int4, QBLOCK=64 if int4 else 1, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64)
+            out.append(
+                (
+                    f"weight_only {dt} {'int4' if int4 else 'int8'}",
+                    G._weight_only_mm,
+                    sig,
+                    const,
+                    4,
+                    3,
+                    (86, 89, 90),
+                )
+            )
+    for qt, archs in (("i8", (86, 89, 90)), ("fp8e4nv", (89, 90))):
+        for swiglu in (False, True):
+            sig = {
+                "A": f"*{qt}",
+                "AS": "*fp32",
+                "W": f"*{qt}",
+                "WS": "*fp32",
+                "W2": f"*{qt}",
+                "W2S": "*fp32",
+                "C": "*fp16",
+            }
+            sig |= _i32("M", "N", "K", "sam", "sak", "swn", "swk", "scm", "scn")
+            const = dict(SWIGLU=swiglu, IS_INT=qt == "i8", **G.GEMM_BLOCKS)
+            out.append(
+                (f"scaled_mm {qt}{' swiglu' if swiglu else ''}", G._scaled_mm, sig, const, 8, 3, archs)
+            )
+    return out
+
+
+def c_name(label: str, arch: int) -> str:
+    return "afe_" + re.sub(r"[^0-9a-zA-Z]+", "_", label).strip("_").lower() + f"_sm{arch}"
+
+
+def compile_variant(kernel, sig, const, arch: int, warps: int, stages: int):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    full = dict(sig)
+    for k in const:
+        full[k] = "constexpr"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return triton.compile(
+            ASTSource(kernel, full, const),
+            target=GPUTarget("cuda", arch, 32),
+            options={"num_warps": warps, "num_stages": stages},
+        )
+
+
+def c_source(name: str, kernel, sig: dict, compiled, warps: int) -> tuple[str, str]:
+    """(C file, prototype) for one compiled variant."""
+    params, ptrs = [], []
+    for arg in kernel.arg_names:
+        if arg not in sig:
+            continue  # constexpr: baked into the cubin
+        t = sig[arg]
+        params.append(f"CUdeviceptr {arg}" if t.startswith("*") else f"{C_TYPES[t]} {arg}")
+        ptrs.append(f"&{arg}")
+    ptrs += ["&global_scratch", "&profile_scratch"]  # Triton's two trailing kernel parameters
+    proto = f"CUresult {name}(CUstream stream, unsigned gx, unsigned gy, unsigned gz, {', '.join(params)})"
+    cubin = compiled.asm["cubin"]
+    data = ",".join(str(b) for b in cubin)
+    shared = int(compiled.metadata.shared)
+    src = f"""/* generated by auraflow_edge.kernels.aot: {kernel.__name__}, do not edit */
+#include <stdint.h>
+#include <cuda.h>
+
+static const unsigned char cubin[{len(cubin)}] = {{{data}}};
+static CUmodule module_ = 0;
+static CUfunction function_ = 0;
+
+static CUresult load_(void) {{
+  CUresult r = cuModuleLoadData(&module_, cubin);
+  if (r != CUDA_SUCCESS) return r;
+  r = cuModuleGetFunction(&function_, module_, "{compiled.metadata.name}");
+  if (r != CUDA_SUCCESS) return r;
+  if ({shared} > 49152)
+    r = cuFuncSetAttribute(function_, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, {shared});
+  return r;
+}}
+
+{proto} {{
+  if (!function_) {{
+    CUresult r = load_();
+    if (r != CUDA_SUCCESS) return r;
+  }}
+  CUdeviceptr global_scratch = 0, profile_scratch = 0;
+  void *args[] = {{{", ".join(ptrs)}}};
+  if (gx * gy * gz == 0) return CUDA_SUCCESS;
+  return cuLaunchKernel(function_, gx, gy, gz, {warps} * 32, 1, 1, {shared}, stream, args, 0);
+}}
+"""
+    return src, proto
+
+
+def generate(out: Path, archs: list[int], only: str = "") -> list[dict]:
+    out.mkdir(parents=True, exist_ok=True)
+    entries, protos = [], []
+    for label, kern, sig, const, warps, stages, ok in variants():
+        if only not in label:
+            continue
+        for arch in archs:
+            if arch not in ok:
+                continue
+            name = c_name(label, arch)
+            k = compile_variant(kern, sig, const, arch, warps, stages)
+            src, proto = c_source(name, kern, sig, k, warps)
+            (out / f"{name}.c").write_text(src)
+            protos.append(proto + ";")
+            entries.append(
+                {
+                    "function": name,
+                    "kernel": label,
+                    "arch": f"sm_{arch}",
+                    "shared_bytes": int(k.metadata.shared),
+                    "num_warps": warps,
+                    "constexprs": const,
+                }
+            )
+            print(f"  {name}", flush=True)
+    header = (
+        '#pragma once\n#include <cuda.h>\n#include <stdint.h>\n#ifdef __cplusplus\nextern "C" {\n#endif\n'
+    )
+    header += "\n".join(protos) + "\n#ifdef __cplusplus\n}\n#endif\n"
+    (out / "auraflow_edge_kernels.h").write_text(header)
+    (out / "kernels.json").write_text(json.dumps(entries, indent=1) + "\n")
+    return entries
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--arch", default="86,89,90")
+    ap.add_argument("--only", default="")
+    a = ap.parse_args()
+    e = generate(Path(a.out), [int(x) for x in a.arch.split(",")], a.only)
+    print(f"{len(e)} entry points in {a.out}")
+
+
+if __name__ == "__main__":
+    main()

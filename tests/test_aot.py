@@ -1,0 +1,45 @@
+"""Ahead-of-time kernels: one variant compiled for sm_86 with no GPU, its C entry point built with gcc."""
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from auraflow_edge.kernels.aot import generate
+
+CUDA_H = next((p for p in (Path("/usr/local/cuda/include"),) if (p / "cuda.h").exists()), None)
+
+
+@pytest.mark.skipif(
+    CUDA_H is None or shutil.which("gcc") is None, reason="needs cuda.h (CUDA toolkit) and gcc"
+)
+def test_generated_c_library_builds(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # compile for the GPU target, not the interpreter
+    entries = generate(tmp_path, [86], only="attention fp16 d256")
+    assert {e["function"] for e in entries} == {
+        "afe_attention_fp16_d256_sm86",
+        "afe_attention_fp16_d256_int8qk_sm86",
+    }
+    assert all(e["shared_bytes"] <= 99 * 1024 for e in entries)
+    lib = tmp_path / "libk.so"
+    r = subprocess.run(
+        [
+            "gcc",
+            "-shared",
+            "-fPIC",
+            "-Wall",
+            "-Werror",
+            f"-I{CUDA_H}",
+            *map(str, tmp_path.glob("*.c")),
+            "-o",
+            str(lib),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    syms = subprocess.run(["nm", "-D", "--defined-only", str(lib)], capture_output=True, text=True).stdout
+    assert "afe_attention_fp16_d256_sm86" in syms and "afe_attention_fp16_d256_int8qk_sm86" in syms
+    header = (tmp_path / "auraflow_edge_kernels.h").read_text()
+    assert "CUresult afe_attention_fp16_d256_sm86(CUstream stream, unsigned gx" in header
