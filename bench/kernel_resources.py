@@ -1,5 +1,5 @@
 """Registers, spills and shared memory of every kernel variant, compiled for sm_86 / sm_89 / sm_90
-with no GPU present (Triton compiles for a target; ptxas -v reports the resources).
+with no GPU present (Triton compiles for a target; cuobjdump reads the resources of its cubin).
 
     python bench/kernel_resources.py [--json bench/results/kernel_resources.json] [--arch 86,89,90]
 
@@ -20,45 +20,33 @@ from pathlib import Path
 SMEM_LIMIT = {86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 
 
-def _ptxas_candidates() -> list[str]:
-    """The CUDA toolkit's ptxas first (Triton's bundled one may be older than the PTX it emits)."""
+def _cuobjdump() -> str:
     import shutil
 
     import triton
 
-    b = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    c = [shutil.which("ptxas"), str(b / "ptxas-blackwell"), str(b / "ptxas")]
-    return [x for x in c if x and Path(x).exists()]
+    p = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return str(p) if p.exists() else (shutil.which("cuobjdump") or "cuobjdump")
 
 
 def compile_one(kernel, sig, const, arch: int, warps: int, stages: int) -> dict:
+    """Resources of the cubin Triton actually produced (cuobjdump -res-usage): registers, stack
+    frame (where spills go: any stack means spilling for these kernels), shared memory."""
     from auraflow_edge.kernels.aot import compile_variant
 
     k = compile_variant(kernel, sig, const, arch, warps, stages)
     with tempfile.TemporaryDirectory() as d:
-        ptx = Path(d) / "k.ptx"
-        ptx.write_text(k.asm["ptx"])
-        for exe in _ptxas_candidates():
-            cmd = [
-                exe,
-                f"-arch=sm_{arch}{'a' if arch == 90 else ''}",
-                "-v",
-                str(ptx),
-                "-o",
-                str(Path(d) / "k.o"),
-            ]
-            r = subprocess.run(cmd, capture_output=True, text=True)
-            if r.returncode == 0:
-                break
-        else:
-            raise RuntimeError(f"no ptxas could assemble the PTX for sm_{arch}: {r.stderr[-300:]}")
-    info = r.stderr
-    regs = int(re.search(r"Used (\d+) registers", info).group(1))
-    spill = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", info))
+        cub = Path(d) / "k.cubin"
+        cub.write_bytes(k.asm["cubin"])
+        r = subprocess.run([_cuobjdump(), "-res-usage", str(cub)], capture_output=True, text=True)
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", r.stdout)
+    if not m:
+        raise RuntimeError(f"cuobjdump gave no resource line: {r.stdout[-300:]} {r.stderr[-300:]}")
+    regs, stack, _, local = (int(x) for x in m.groups())
     return {
         "arch": f"sm_{arch}",
         "registers": regs,
-        "spill_bytes": spill,
+        "spill_bytes": stack + local,
         "shared_bytes": int(k.metadata.shared),
         "num_warps": warps,
         "num_stages": stages,
@@ -97,7 +85,7 @@ def main() -> int:
     Path(args.json).write_text(
         json.dumps(
             {
-                "compiled_on": "CPU machine, no GPU (triton.compile for a target + ptxas -v)",
+                "compiled_on": "CPU machine, no GPU (triton.compile for a target + cuobjdump -res-usage of its cubin)",
                 "triton": __import__("triton").__version__,
                 "rows": rows,
             },

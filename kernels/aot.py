@@ -75,7 +75,7 @@ def variants():
                     A._rows_prep,
                     sig,
                     const,
-                    4,
+                    A.PREP_WARPS,
                     1,
                     (86, 89, 90),
                 )
