@@ -35,6 +35,13 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", default="cpu", help="cpu | cuda")
     p.add_argument("--components", help="pipeline folder with tokenizer/text_encoder/vae for a single file")
+    p.add_argument(
+        "--vram-budget", help="device memory budget, e.g. 8GiB (default: what the device has free)"
+    )
+    p.add_argument(
+        "--vae-tiles", type=int, help="decode the VAE in N x N tiles (default: as the plan decides)"
+    )
+    p.add_argument("--memory-report", action="store_true", help="print planned vs measured peak per stage")
     p.add_argument("-o", "--output", default="out.png")
 
 
@@ -63,12 +70,41 @@ def cmd_generate(args) -> int:
         width=args.width,
         noise=args.noise,
         progress=not args.quiet,
+        vram_budget=args.vram_budget,
+        vae_tiles=args.vae_tiles,
     )
     save_png(res.image, out, res.parameters)
+    if args.memory_report:
+        print(memory_report(res))
     for s in res.stages:
         peak = f", peak {s.peak_bytes / 2**20:.0f} MiB" if s.peak_bytes else ""
         _log(args, f"{s.name}: {s.seconds:.2f} s{peak}")
     _log(args, f"wrote {out}")
+    return 0
+
+
+def memory_report(res) -> str:
+    from .planner import fmt_bytes
+
+    names = {"vae": "vae_decode"}
+    lines = [f"{'stage':<14} {'planned':>12} {'measured':>12} {'measured/planned':>17}"]
+    for s in res.stages:
+        planned = res.plan.baseline + res.plan.stage(names.get(s.name, s.name)).peak
+        lines.append(
+            f"{s.name:<14} {fmt_bytes(planned):>12} {fmt_bytes(s.peak_bytes or 0):>12} {(s.peak_bytes or 0) / planned:>17.3f}"
+        )
+    return "\n".join(lines)
+
+
+def cmd_plan(args) -> int:
+    from .pipeline import Pipeline
+
+    opts = {"precision": args.precision} if args.backend in ("auto", "torch") else {}
+    pipe = Pipeline.load(
+        args.model, backend=args.backend, device=args.device, components=args.components, **opts
+    )
+    plan = pipe.plan(args.height, args.width, args.vram_budget, vae_tiles=args.vae_tiles)
+    print(plan.table())
     return 0
 
 
@@ -113,6 +149,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_generation_args(g)
     g.set_defaults(fn=cmd_generate)
+
+    pl = sub.add_parser(
+        "plan", help="print the per-stage memory plan for a size and budget", parents=[common]
+    )
+    pl.add_argument("model")
+    pl.add_argument("--height", type=int, default=1024)
+    pl.add_argument("--width", type=int, default=1024)
+    pl.add_argument("--vram-budget", help="e.g. 8GiB (default: what the device has free)")
+    pl.add_argument("--vae-tiles", type=int)
+    pl.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime", "tensorrt"])
+    pl.add_argument("--precision", default="fp32")
+    pl.add_argument("--device", default="cpu")
+    pl.add_argument("--components")
+    pl.set_defaults(fn=cmd_plan)
 
     d = sub.add_parser(
         "demo", help="make a tiny random model locally and generate with it (CPU)", parents=[common]

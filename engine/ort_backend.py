@@ -87,8 +87,10 @@ class OrtVAEDecoder:
     def decode_raw(self, z: np.ndarray) -> np.ndarray:
         return self.s.run(None, {"latents": np.ascontiguousarray(z, dtype=np.float32)})[0]
 
-    def __call__(self, latents: np.ndarray) -> np.ndarray:
-        return to_uint8(self.decode_raw(latents / self.scaling))
+    def __call__(self, latents: np.ndarray, tiles: int = 1) -> np.ndarray:
+        from .vae_tiling import decode_tiled
+
+        return to_uint8(decode_tiled(self.decode_raw, latents / self.scaling, tiles))
 
     def close(self):
         self.s = None
@@ -131,6 +133,16 @@ class OrtStages(StageSet):
             return OrtTransformer(self.m.path(c["file"]), c, self.table, self.device, self.threads)
         c = self.m.component("vae_decoder")
         return OrtVAEDecoder(self.m.path(c["file"]), c, self.device, self.threads)
+
+    def sizes(self):
+        from .planner import sizes_from_manifest
+
+        return sizes_from_manifest(self.m)
+
+    def free_memory(self) -> tuple[int, int]:
+        from .stages import available_ram, current_rss
+
+        return available_ram() + current_rss(), current_rss()
 
     def describe(self) -> dict:
         return {"precision": self.m["precision"], "device": self.device, "engine": str(self.m.folder)}

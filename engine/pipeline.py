@@ -64,6 +64,7 @@ class Result:
     latents: np.ndarray
     parameters: dict
     stages: list[StageReport] = field(default_factory=list)
+    plan: object = None
 
 
 class Pipeline:
@@ -132,6 +133,8 @@ class Pipeline:
         width: int = 1024,
         noise: np.ndarray | str | Path | None = None,
         progress: bool | Callable[[int, int], None] = False,
+        vram_budget: int | str | None = None,
+        vae_tiles: int | None = None,
     ) -> Result:
         check_size(height, width)
         check_latent_size(self.cfg, height // 8, width // 8)
@@ -149,6 +152,8 @@ class Pipeline:
             latents = np.asarray(noise, dtype=np.float32)
         schedule = flow_match_schedule(steps, self.shift)
         cfg_on = guidance > 1.0  # as diffusers: no unconditional pass at guidance <= 1
+        plan = self.plan(height, width, vram_budget, batch=2 if cfg_on else 1, vae_tiles=vae_tiles)
+        tiles = plan.vae_tiles
         reports = []
 
         t0 = time.perf_counter()
@@ -170,7 +175,7 @@ class Pipeline:
 
         t0 = time.perf_counter()
         with self.stages.stage("vae", height=height, width=width) as vae:
-            pixels = vae(latents)
+            pixels = vae(latents, tiles=tiles)
         reports.append(StageReport("vae", time.perf_counter() - t0, self.stages.last_peak))
         params = {
             "prompt": prompt,
@@ -183,7 +188,17 @@ class Pipeline:
             "shift": self.shift,
             **self.info,
         }
-        return Result(to_pil(pixels[0]), latents, params, reports)
+        return Result(to_pil(pixels[0]), latents, params, reports, plan)
+
+    def plan(self, height: int, width: int, vram_budget=None, batch: int = 2, vae_tiles: int | None = None):
+        """The stage memory plan, before anything is loaded (refuses, with options, when nothing fits)."""
+        from .planner import make_plan, parse_bytes
+
+        free, baseline = self.stages.free_memory()
+        budget = parse_bytes(vram_budget) if vram_budget is not None else free
+        if vae_tiles is not None and vae_tiles < 1:
+            raise UserError(f"--vae-tiles must be >= 1, got {vae_tiles}")
+        return make_plan(self.stages.sizes(), height, width, budget, batch, baseline, vae_tiles)
 
 
 class _bar:

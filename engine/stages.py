@@ -16,6 +16,18 @@ def current_rss() -> int:
         return 0
 
 
+def available_ram() -> int:
+    """MemAvailable from /proc/meminfo, in bytes (a large number where unavailable)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 40
+
+
 class RssSampler:
     """Peak RSS over a block, sampled every few milliseconds in a background thread."""
 

@@ -148,8 +148,10 @@ class TorchVAEDecoder:
         z = torch.from_numpy(np.ascontiguousarray(latents)).to(self.device, self.dtype)
         return self.model.decode(z).sample.float().cpu().numpy()
 
-    def __call__(self, latents: np.ndarray) -> np.ndarray:
-        return to_uint8(self.decode_raw(latents / np.float32(self.scaling)))
+    def __call__(self, latents: np.ndarray, tiles: int = 1) -> np.ndarray:
+        from .vae_tiling import decode_tiled
+
+        return to_uint8(decode_tiled(self.decode_raw, latents / np.float32(self.scaling), tiles))
 
     def close(self) -> None:
         self.model = None
@@ -209,3 +211,17 @@ class TorchStages(StageSet):
 
     def describe(self) -> dict:
         return {"backend": "torch", "precision": self.precision, "device": self.device_name}
+
+    def sizes(self):
+        from .planner import sizes_from_model
+
+        return sizes_from_model(self.mf, self.precision, self.device.type)
+
+    def free_memory(self) -> tuple[int, int]:
+        """(budget default: what the device has free, baseline already in use)."""
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return free, torch.cuda.memory_allocated(self.device)
+        from .stages import available_ram, current_rss
+
+        return available_ram() + current_rss(), current_rss()

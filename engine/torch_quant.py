@@ -44,27 +44,35 @@ def _act_quant_ref(x: torch.Tensor, fmt: str):
     return q.float() * s[..., None]
 
 
+def quantize_weight(w: torch.Tensor, fmt: str, block: int = 64):
+    """Torch version of export/quantize.py (same rounding: half to even), on w's device.
+    -> (w_q, w_s): int8 (N, K) + (N,); fp8 (N, K) + (N,); int4 packed (N, K/2) + (N, K/block)."""
+    w = w.float()
+    if fmt == "int4":
+        n, k = w.shape
+        wb = w.reshape(n, k // block, block)
+        s = (wb.abs().amax(dim=2) / 7.0).clamp_min(1e-12)
+        q = torch.round(wb / s[:, :, None]).clamp(-7, 7).to(torch.int8).reshape(n, k)
+        from ..kernels.gemm import pack_int4_rows
+
+        return pack_int4_rows(q), s
+    qmax = qz.FP8_MAX if fmt == "fp8" else 127.0
+    s = (w.abs().amax(dim=1) / qmax).clamp_min(1e-12)
+    if fmt == "fp8":
+        return (w / s[:, None]).clamp(-qz.FP8_MAX, qz.FP8_MAX).to(torch.float8_e4m3fn), s
+    return torch.round(w / s[:, None]).clamp(-127, 127).to(torch.int8), s
+
+
 class QuantizedLinear(nn.Module):
     """y = x @ dequant(W)^T; int8/fp8: W8A8 with per-token activation scales; int4: weight-only."""
 
-    def __init__(self, fmt: str, w: np.ndarray, device, dtype, use_kernels: bool, block: int = 64):
+    def __init__(self, fmt: str, w: torch.Tensor, dtype, use_kernels: bool, block: int = 64):
         super().__init__()
         self.fmt, self.dtype, self.use_kernels, self.block = fmt, dtype, use_kernels, block
         self.out_features, self.in_features = w.shape
-        if fmt == "int4":
-            q, s = qz.quantize_int4(w, block)
-            from ..kernels.gemm import pack_int4_rows
-
-            self.register_buffer("w_q", pack_int4_rows(torch.from_numpy(q)).to(device))
-        elif fmt == "fp8":
-            q, s = qz.quantize_fp8(w)
-            self.register_buffer(
-                "w_q", torch.from_numpy(q.view(np.uint8)).view(torch.float8_e4m3fn).to(device)
-            )
-        else:
-            q, s = qz.quantize_int8(w)
-            self.register_buffer("w_q", torch.from_numpy(q).to(device))
-        self.register_buffer("w_s", torch.from_numpy(np.ascontiguousarray(s, np.float32)).to(device))
+        w_q, w_s = quantize_weight(w, fmt, block)
+        self.register_buffer("w_q", w_q)
+        self.register_buffer("w_s", w_s.float().contiguous())
 
     def dequantized(self) -> torch.Tensor:
         from ..kernels.gemm import dequant_weight
@@ -120,40 +128,51 @@ def load_quantized_transformer(
     mf: ModelFolder, fmt: str, device: torch.device, dtype: torch.dtype, int4_block: int = 64
 ):
     """Meta-built model; every linear quantized tensor by tensor; modulation linears never loaded."""
+
+    def weight(name: str) -> torch.Tensor:
+        return torch.from_numpy(mf.weights.read(name).astype(np.float32)).to(device)
+
+    return build_quantized_transformer(mf.transformer_cfg, fmt, device, dtype, weight, int4_block)
+
+
+def build_quantized_transformer(
+    cfg, fmt: str, device: torch.device, dtype: torch.dtype, weight, int4_block: int = 64
+):
+    """``weight(name) -> tensor`` supplies each parameter (a checkpoint, or random weights for benchmarks)."""
     if fmt not in QUANT_PRECISIONS:
         raise UserError(f"unknown quantized precision {fmt!r}")
     if fmt == "fp8" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
         raise UserError("fp8 needs an sm_89+ GPU (Ada, Hopper); use --precision int8 on this card")
     use_k = _kernels_ok(device)
     with torch.device("meta"):
-        model = AuraFlowTransformer(mf.transformer_cfg)
-    folded = set(modulation_names(mf.transformer_cfg)) | {
-        n for n in mf.weights.names() if n.startswith("time_step_proj.")
+        model = AuraFlowTransformer(cfg)
+    folded = set(modulation_names(cfg)) | {
+        n for n, _ in model.time_step_proj.named_parameters(prefix="time_step_proj")
     }
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     for name, mod in linears.items():
-        wname = name + ".weight"
-        if wname in folded:
+        if name + ".weight" in folded:
             continue
-        w = mf.weights.read(wname).astype(np.float32)
+        w = weight(name + ".weight")
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         if any(k in name for k in KEEP_FLOAT) or (fmt == "int4" and w.shape[1] % int4_block):
             new = nn.Linear(w.shape[1], w.shape[0], bias=mod.bias is not None, device=device, dtype=dtype)
             with torch.no_grad():
-                new.weight.copy_(torch.from_numpy(w))
+                new.weight.copy_(w)
                 if mod.bias is not None:
-                    new.bias.copy_(torch.from_numpy(mf.weights.read(name + ".bias").astype(np.float32)))
+                    new.bias.copy_(weight(name + ".bias"))
         else:
-            new = QuantizedLinear(fmt, w, device, dtype, use_k, int4_block)
+            new = QuantizedLinear(fmt, w, dtype, use_k, int4_block)
+        del w
         if isinstance(parent, nn.ModuleList):
             parent[int(attr)] = new
         else:
             setattr(parent, attr, new)
     for n, p in list(model.named_parameters()):
-        if p.is_meta and n not in folded and not any(n.startswith(k) for k in folded):
+        if p.is_meta and n not in folded:
             mod_name, _, pname = n.rpartition(".")
-            t = torch.from_numpy(mf.weights.read(n).astype(np.float32)).to(device, dtype)
+            t = weight(n).to(device, dtype)
             setattr(
                 model.get_submodule(mod_name) if mod_name else model,
                 pname,

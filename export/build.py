@@ -164,6 +164,7 @@ def build_engine(
         comps.update(export_transformer(mf, tmp, pol["transformer"], height, width, prog))
 
         te_dir = mf.component("text_encoder")
+        tcfg = json.loads((te_dir / "config.json").read_text())
         prog.say("tracing the text encoder")
         proto, rename = trace_text_encoder(te_dir, pol["text_encoder"].act_dtype)
         rd = FolderReader(te_dir, text_encoder_aliases())
@@ -182,6 +183,7 @@ def build_engine(
             "outputs": ["hidden_states"],
             "dtype": pol["text_encoder"].act_dtype,
             "weight_bytes": st.bytes_written,
+            "dims": [tcfg.get("d_model"), tcfg.get("d_ff"), tcfg.get("num_heads")],
         }
 
         vae_dir = mf.component("vae")
@@ -198,6 +200,7 @@ def build_engine(
             "outputs": ["image"],
             "dtype": "fp32",
             "scaling_factor": float(vcfg.get("scaling_factor", 0.13025)),
+            "channels": int(vcfg.get("block_out_channels", [128])[0]),
             "weight_bytes": st.bytes_written,
         }
 

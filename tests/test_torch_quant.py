@@ -67,3 +67,24 @@ def test_generate_with_quantized_torch_backend(tiny_dir, tiny_noise):
     mse = np.mean((np.asarray(res.image, float) - np.asarray(ref.image, float)) ** 2)
     assert 0 < mse and 10 * np.log10(255**2 / mse) > 45
     assert res.parameters["precision"] == "int8"
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8", "int4"])
+def test_torch_and_numpy_quantizers_agree(fmt):
+    from auraflow_edge.engine.torch_quant import quantize_weight
+    from auraflow_edge.export import quantize as qz
+    from auraflow_edge.kernels.gemm import dequant_weight
+
+    w = np.random.default_rng(1).standard_normal((48, 128)).astype(np.float32) * np.exp(
+        np.random.default_rng(2).standard_normal((48, 1))
+    )
+    tq, ts = quantize_weight(torch.from_numpy(w), fmt, 32)
+    if fmt == "int4":
+        nq, ns = qz.quantize_int4(w, 32)
+        np.testing.assert_allclose(
+            dequant_weight(tq, ts, 32).numpy(), qz.dequantize("int4", nq, ns, 32), rtol=1e-6
+        )
+    else:
+        nq, ns = (qz.quantize_fp8 if fmt == "fp8" else qz.quantize_int8)(w)
+        np.testing.assert_allclose(ts.numpy(), ns, rtol=1e-6)
+        np.testing.assert_array_equal(tq.float().numpy(), nq.astype(np.float32))
