@@ -265,7 +265,7 @@ def sizes_from_model(mf, precision: str, device: str) -> ModelSizes:
         vae_channels=int(vae_cfg.get("block_out_channels", [128])[0]),
         act_bytes=4 if act == "fp32" else 2,
         fused_attention=device != "cpu",
-        overhead=TORCH_STAGE_OVERHEAD,
+        overhead=TORCH_STAGE_OVERHEAD + (TORCH_CPU_LIBRARIES if device == "cpu" else 0),
         transformer_weights_by_precision=by_prec,
     )
 
