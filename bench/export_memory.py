@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 CHILD = r"""
-import resource, sys, json, time
+import sys, json, time
 from pathlib import Path
 from auraflow_edge.engine.checkpoint import open_model
 from auraflow_edge.export.build import export_transformer, policies
@@ -27,7 +27,8 @@ src, out, precision, h, w = sys.argv[1:6]
 t0 = time.perf_counter()
 pol = policies(precision, "onnxruntime" if precision != "bf16" else "tensorrt", 64)["transformer"]
 info = export_transformer(open_model(src), Path(out), pol, int(h), int(w))
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+from auraflow_edge.engine.stages import peak_rss
+peak = peak_rss()  # VmHWM: this process only (ru_maxrss would include the parent's pages at fork)
 print(json.dumps({"peak_rss": peak, "seconds": time.perf_counter() - t0,
                   "weight_bytes": info["transformer"]["weight_bytes"],
                   "modulation_bytes": info["modulation"]["weight_bytes"]}))

@@ -108,6 +108,27 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .benchmark import print_summary, run_bench
+
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="auraflow-edge-bench-"))
+    res = run_bench(
+        args.model,
+        [p.strip() for p in args.precisions.split(",") if p.strip()],
+        args.steps,
+        args.height,
+        args.width,
+        args.backend,
+        work,
+        Path(args.json) if args.json else None,
+        Path(args.plot) if args.plot else None,
+        baseline=not args.no_baseline,
+        quiet=args.quiet,
+    )
+    print_summary(res)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import make_tiny_pipeline
 
@@ -149,6 +170,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_generation_args(g)
     g.set_defaults(fn=cmd_generate)
+
+    bn = sub.add_parser(
+        "bench", help="latency, memory and fidelity per precision vs diffusers", parents=[common]
+    )
+    bn.add_argument("model", help="diffusers AuraFlow folder")
+    bn.add_argument("--precisions", default="fp32,fp16,int8,fp8,int4")
+    bn.add_argument("--steps", type=int, default=5)
+    bn.add_argument("--height", type=int, default=512)
+    bn.add_argument("--width", type=int, default=512)
+    bn.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"])
+    bn.add_argument("--workdir", help="engines, images and velocities (default: a new temp folder)")
+    bn.add_argument("--json")
+    bn.add_argument("--plot")
+    bn.add_argument("--no-baseline", action="store_true", help="skip the diffusers baselines")
+    bn.set_defaults(fn=cmd_bench)
 
     pl = sub.add_parser(
         "plan", help="print the per-stage memory plan for a size and budget", parents=[common]

@@ -16,6 +16,21 @@ def current_rss() -> int:
         return 0
 
 
+def peak_rss() -> int:
+    """This process's peak RSS (VmHWM) in bytes. Unlike ru_maxrss it is not inherited across
+    fork+exec, so a worker started by a large parent reports only its own peak."""
+    try:
+        with open(f"/proc/{os.getpid()}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def available_ram() -> int:
     """MemAvailable from /proc/meminfo, in bytes (a large number where unavailable)."""
     try:

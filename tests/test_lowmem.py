@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-
 from auraflow_edge.engine.errors import UserError
 from auraflow_edge.engine.pipeline import Pipeline
 from auraflow_edge.engine.planner import GiB, MiB, make_plan, parse_bytes
@@ -20,7 +19,9 @@ def local_decoder(z):
 @pytest.mark.parametrize("tiles,shape", [(2, (24, 40)), (3, (33, 17)), (4, (64, 64))])
 def test_tiling_is_exact_for_a_local_decoder(tiles, shape):
     z = np.random.default_rng(0).standard_normal((1, 4, *shape)).astype(np.float32)
-    np.testing.assert_allclose(decode_tiled(local_decoder, z, tiles, overlap=4), local_decoder(z), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        decode_tiled(local_decoder, z, tiles, overlap=4), local_decoder(z), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_tile_starts_cover_everything():
@@ -65,10 +66,22 @@ def test_full_size_plan_fits_8gib_in_int8_and_not_in_bf16():
     from auraflow_edge.engine.planner import ModelSizes
 
     lin, rest = 4.53e9, 0.03e9  # v0.3 without the modulation: linears and the rest
-    full = ModelSizes(cfg=AURAFLOW_V03, transformer_weights=int(lin * 1 + rest * 2), text_encoder_weights=int(1.2e9 * 2),
-                      text_dims=(2048, 5120, 32), vae_weights=int(50e6 * 4), vae_channels=128, act_bytes=2,
-                      fused_attention=True, overhead=64 * MiB,
-                      transformer_weights_by_precision={"bf16": int((lin + rest) * 2), "int8": int(lin + rest * 2), "int4": int(lin * 0.56 + rest * 2)})
+    full = ModelSizes(
+        cfg=AURAFLOW_V03,
+        transformer_weights=int(lin * 1 + rest * 2),
+        text_encoder_weights=int(1.2e9 * 2),
+        text_dims=(2048, 5120, 32),
+        vae_weights=int(50e6 * 4),
+        vae_channels=128,
+        act_bytes=2,
+        fused_attention=True,
+        overhead=64 * MiB,
+        transformer_weights_by_precision={
+            "bf16": int((lin + rest) * 2),
+            "int8": int(lin + rest * 2),
+            "int4": int(lin * 0.56 + rest * 2),
+        },
+    )
     plan = make_plan(full, 1024, 1024, 8 * GiB)
     assert plan.peak < 7.5 * GiB
     with pytest.raises(UserError, match="--precision int8") as e:
