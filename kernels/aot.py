@@ -53,6 +53,7 @@ def variants():
                     BLOCK_M=bm,
                     BLOCK_N=bn,
                     BLOCK_D=d,
+                    QB=A.QUANT_GROUP,
                 )
                 out.append(
                     (
@@ -68,7 +69,7 @@ def variants():
         for quant in (False, True):
             sig = {"X": f"*{dt}", "Y": "*i8" if quant else f"*{dt}", "YS": "*fp32", "SHIFT": "*fp32"}
             sig |= _i32("sxb", "sxh", "sxn", "sxd", "N", "D", "H") | {"eps": "fp32", "mult": "fp32"}
-            const = dict(NORM=True, HAS_SHIFT=quant, QUANT=quant, BLOCK=64, BLOCK_D=256)
+            const = dict(NORM=True, HAS_SHIFT=quant, QUANT=quant, BLOCK=A.QUANT_GROUP, BLOCK_D=256)
             out.append(
                 (
                     f"rows_prep {dt} d256{' int8' if quant else ''}",
@@ -99,14 +100,14 @@ def variants():
         for int4 in (False, True):
             sig = {"A": f"*{dt}", "W": "*u8" if int4 else "*i8", "WS": "*fp32", "C": f"*{dt}"}
             sig |= _i32("M", "N", "K", "sam", "sak", "swn", "swk", "sws_n", "scm", "scn")
-            const = dict(INT4=int4, QBLOCK=64 if int4 else 1, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64)
+            const = dict(INT4=int4, QBLOCK=64 if int4 else 1, **G.WO_BLOCKS[int4])
             out.append(
                 (
                     f"weight_only {dt} {'int4' if int4 else 'int8'}",
                     G._weight_only_mm,
                     sig,
                     const,
-                    4,
+                    G.WO_WARPS[int4],
                     3,
                     (86, 89, 90),
                 )
@@ -123,7 +124,7 @@ def variants():
                 "C": "*fp16",
             }
             sig |= _i32("M", "N", "K", "sam", "sak", "swn", "swk", "scm", "scn")
-            const = dict(SWIGLU=swiglu, IS_INT=qt == "i8", **G.GEMM_BLOCKS)
+            const = dict(SWIGLU=swiglu, IS_INT=qt == "i8", **G.gemm_blocks(swiglu, qt != "i8"))
             out.append(
                 (f"scaled_mm {qt}{' swiglu' if swiglu else ''}", G._scaled_mm, sig, const, 8, 3, archs)
             )

@@ -25,7 +25,8 @@ except ImportError:  # CPU-only installs: the reference path still works
     triton = None
 
 LOG2E = 1.4426950408889634
-PREP_WARPS = 8  # the row pre-pass holds a (64, 256) fp32 tile: 4 warps would spill
+PREP_WARPS = 8  # the row pre-pass holds a (BLOCK, 256) fp32 tile: 4 warps would spill
+QUANT_GROUP = 32  # int8 Q/K: one scale per 32 tokens (a 64-row quantizing pre-pass spills on sm_90)
 
 
 def attention_reference(q, k, v, *, qk_norm: bool = True, eps: float = 1e-5, scale: float | None = None):
@@ -85,7 +86,7 @@ if triton is not None:
         sob, soh, son, sod,
         H, N_Q, N_K, D, qk_scale, eps,
         Q_NORM: tl.constexpr, INT8: tl.constexpr, IEEE: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, QB: tl.constexpr,
     ):  # fmt: skip
         pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
         b, h = pid_bh // H, pid_bh % H
@@ -98,8 +99,9 @@ if triton is not None:
             Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=mmask, other=0.0
         )
         if INT8:
-            q_scale = tl.load(QS + pid_bh * tl.cdiv(N_Q, BLOCK_M) + pid_m)
-            n_kblocks = tl.cdiv(N_K, BLOCK_N)
+            # one scale per QB tokens (the pre-pass block), looked up per row / per key
+            q_scale = tl.load(QS + pid_bh * tl.cdiv(N_Q, QB) + offs_m // QB, mask=offs_m < N_Q, other=0.0)
+            n_kgroups = tl.cdiv(N_K, QB)
         else:
             qf = q.to(tl.float32)
             if Q_NORM:
@@ -123,7 +125,8 @@ if triton is not None:
             )
             if INT8:
                 s = tl.dot(q, tl.trans(k)).to(tl.float32)
-                s = s * (q_scale * tl.load(KS + pid_bh * n_kblocks + start // BLOCK_N))
+                k_scale = tl.load(KS + pid_bh * n_kgroups + cols // QB, mask=nmask, other=0.0)
+                s = s * q_scale[:, None] * k_scale[None, :]
             elif IEEE:
                 s = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
@@ -199,22 +202,22 @@ def attention(
     bd = triton.next_power_of_2(d)
     o = torch.empty_like(q)
     if qk_int8:
-        kn, _ = _prep(k, norm=qk_norm, quant=False, block=bn, eps=eps, out_dtype=torch.float32)
+        kn, _ = _prep(k, norm=qk_norm, quant=False, block=QUANT_GROUP, eps=eps, out_dtype=torch.float32)
         kmean = kn.mean(dim=2).reshape(b * h, d).contiguous()  # smoothing: softmax is invariant to it
-        kq, ks = _prep(kn, norm=False, shift=kmean, quant=True, block=bn, eps=eps)
-        qq, qs = _prep(q, norm=qk_norm, mult=sm * LOG2E, quant=True, block=bm, eps=eps)
+        kq, ks = _prep(kn, norm=False, shift=kmean, quant=True, block=QUANT_GROUP, eps=eps)
+        qq, qs = _prep(q, norm=qk_norm, mult=sm * LOG2E, quant=True, block=QUANT_GROUP, eps=eps)
         qa, ka, q_norm = qq, kq, False
     else:
-        ka = _prep(k, norm=True, quant=False, block=bn, eps=eps)[0] if qk_norm else k
+        ka = _prep(k, norm=True, quant=False, block=QUANT_GROUP, eps=eps)[0] if qk_norm else k
         qa, qs, ks, q_norm = q, o, o, qk_norm
         if qk_norm and not q_norm_in_kernel(d):
-            qa, q_norm = _prep(q, norm=True, quant=False, block=bm, eps=eps)[0], False
+            qa, q_norm = _prep(q, norm=True, quant=False, block=QUANT_GROUP, eps=eps)[0], False
     _attn_fwd[(triton.cdiv(nq, bm), b * h)](
         qa, ka, v, o, qs, ks,
         *qa.stride(), *ka.stride(), *v.stride(), *o.stride(),
         h, nq, nk, d, sm * LOG2E, eps,
         Q_NORM=q_norm, INT8=qk_int8, IEEE=q.dtype == torch.float32,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps, num_stages=stages,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, QB=QUANT_GROUP, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return o
 

@@ -140,6 +140,21 @@ if triton is not None:
 GEMM_BLOCKS = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)
 
 
+def gemm_blocks(swiglu: bool, fp8: bool) -> dict:
+    """Tiles that do not spill on sm_86/89/90 (bench/kernel_resources.py): the SwiGLU epilogue
+    keeps two accumulators, so it halves BLOCK_N (and BLOCK_M for fp8)."""
+    if not swiglu:
+        return dict(GEMM_BLOCKS)
+    return dict(GEMM_BLOCKS, BLOCK_N=64, BLOCK_M=64 if fp8 else 128)
+
+
+WO_BLOCKS = {
+    False: dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64),
+    True: dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32),
+}
+WO_WARPS = {False: 4, True: 8}
+
+
 def scaled_mm(
     a_q, a_s, w_q, w_s, *, w2_q=None, w2_s=None, out_dtype=torch.float16, blocks: dict | None = None
 ):
@@ -148,10 +163,10 @@ def scaled_mm(
         return scaled_mm_reference(a_q, a_s, w_q, w_s, w2_q=w2_q, w2_s=w2_s, out_dtype=out_dtype)
     m, k = a_q.shape
     n = w_q.shape[0]
-    bl = dict(GEMM_BLOCKS, **(blocks or {}))
+    sw = w2_q is not None
+    bl = dict(gemm_blocks(sw, a_q.dtype != torch.int8), **(blocks or {}))
     c = torch.empty((m, n), device=a_q.device, dtype=out_dtype)
     grid = (triton.cdiv(m, bl["BLOCK_M"]) * triton.cdiv(n, bl["BLOCK_N"]),)
-    sw = w2_q is not None
     _scaled_mm[grid](
         a_q, a_s, w_q, w_s, w2_q if sw else w_q, w2_s if sw else w_s, c,
         m, n, k, *a_q.stride(), *w_q.stride(), *c.stride(),
@@ -166,11 +181,11 @@ def weight_only_mm(a, w_q, w_s, block: int | None = None, blocks: dict | None = 
         return weight_only_mm_reference(a, w_q, w_s, block)
     m, k = a.shape
     n = w_q.shape[0]
-    bl = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, **(blocks or {})}
+    bl = {**WO_BLOCKS[block is not None], **(blocks or {})}
     c = torch.empty((m, n), device=a.device, dtype=a.dtype)
     grid = (triton.cdiv(m, bl["BLOCK_M"]), triton.cdiv(n, bl["BLOCK_N"]))
     _weight_only_mm[grid](
         a, w_q, w_s, c, m, n, k, *a.stride(), *w_q.stride(), w_s.stride(0), *c.stride(),
-        INT4=block is not None, QBLOCK=block or 1, num_warps=4, num_stages=3, **bl,
+        INT4=block is not None, QBLOCK=block or 1, num_warps=WO_WARPS[block is not None], num_stages=3, **bl,
     )  # fmt: skip
     return c

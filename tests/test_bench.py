@@ -7,14 +7,42 @@ from auraflow_edge.engine.cli import main
 
 def test_bench_writes_json_grid_and_plot(tiny_dir, tmp_path, capsys):
     out, plot = tmp_path / "r.json", tmp_path / "p.png"
-    rc = main(["--quiet", "bench", str(tiny_dir), "--precisions", "fp32,int8", "--steps", "3", "--height", "64",
-               "--width", "96", "--workdir", str(tmp_path / "w"), "--json", str(out), "--plot", str(plot)])
+    rc = main(
+        [
+            "--quiet",
+            "bench",
+            str(tiny_dir),
+            "--precisions",
+            "fp32,int8",
+            "--steps",
+            "3",
+            "--height",
+            "64",
+            "--width",
+            "96",
+            "--workdir",
+            str(tmp_path / "w"),
+            "--json",
+            str(out),
+            "--plot",
+            str(plot),
+        ]
+    )
     assert rc == 0
     r = json.loads(out.read_text())
     assert r["reference_precision"] == "fp32"
     for p in ("fp32", "int8"):
         row = r["precisions"][p]
-        for key in ("text_encode_s", "step_s", "vae_s", "total_s", "peak_bytes", "process_peak_rss", "disk_bytes", "resident_bytes"):
+        for key in (
+            "text_encode_s",
+            "step_s",
+            "vae_s",
+            "total_s",
+            "peak_bytes",
+            "process_peak_rss",
+            "disk_bytes",
+            "resident_bytes",
+        ):
             assert key in row, key
         fid = row["fidelity_vs_fp32"]
         assert {"step0_cos", "step0_rel_l2", "step2_cos", "image_psnr_db"} <= set(fid)
