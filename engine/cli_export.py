@@ -21,9 +21,31 @@ def cmd_build(args) -> int:
         force=args.force,
         quiet=args.quiet,
         command="auraflow-edge " + shlex.join(sys.argv[1:]),
+        **_trt_options(args),
     )
     print(out)
     return 0
+
+
+def _trt_options(args) -> dict:
+    opts = dict(
+        shapes=args.shapes,
+        vram_budget=args.vram_budget,
+        timing_cache=args.timing_cache,
+        dynamic_shapes=args.dynamic_shapes,
+        hardware_compat=args.hardware_compat,
+        attention_plugin=args.attention_plugin,
+    )
+    if args.backend != "tensorrt":
+        given = [k for k, v in opts.items() if v not in (None, False, "none")]
+        if given:
+            from .errors import UserError
+
+            raise UserError(
+                f"{', '.join('--' + g.replace('_', '-') for g in given)} only apply to --backend tensorrt"
+            )
+        return {}
+    return opts
 
 
 def _size(n: int) -> str:
@@ -79,6 +101,19 @@ def add_commands(sub) -> None:
     b.add_argument("--int4-block", type=int, default=64)
     b.add_argument("--components", help="pipeline folder with text_encoder/vae/tokenizer for a single file")
     b.add_argument("--force", action="store_true", help="replace an existing engine folder")
+    t = b.add_argument_group("TensorRT")
+    t.add_argument(
+        "--shapes", help="WxH[,WxH...]: one optimization profile per shape set (default: --width x --height)"
+    )
+    t.add_argument("--vram-budget", help="build with weight streaming when the weights do not fit, e.g. 8GiB")
+    t.add_argument("--timing-cache", help="timing cache file, read and updated")
+    t.add_argument(
+        "--dynamic-shapes", action="store_true", help="one dynamic profile (256 px to the model's max)"
+    )
+    t.add_argument("--hardware-compat", default="none", choices=["none", "ampere+", "same-cc"])
+    t.add_argument(
+        "--attention-plugin", action="store_true", help="fused qk-norm attention as a TensorRT plugin"
+    )
     b.set_defaults(fn=cmd_build)
 
     i = sub.add_parser("inspect", help="print an engine folder's manifest", parents=[common])

@@ -111,12 +111,22 @@ def build_engine(
     force: bool = False,
     quiet: bool = False,
     command: str = "",
+    **trt_options,
 ) -> Path:
     if backend == "tensorrt":
         from .tensorrt_build import build_tensorrt
 
         return build_tensorrt(
-            model, out, precision=precision, height=height, width=width, quiet=quiet, force=force
+            model,
+            out,
+            precision=precision,
+            height=height,
+            width=width,
+            components=components,
+            force=force,
+            quiet=quiet,
+            command=command,
+            **trt_options,
         )
     if backend != "onnxruntime":
         raise UserError(f"unknown build backend {backend!r}; choose onnxruntime or tensorrt")
@@ -124,20 +134,11 @@ def build_engine(
 
     check_size(height, width)
     out = Path(out)
+    if not out.parent.exists():
+        raise UserError(f"{out.parent}: folder does not exist")
     mf = open_model(model, components)
     check_latent_size(mf.transformer_cfg, height // 8, width // 8)
-    pol = policies(precision, backend, int4_block)
-    key_data = {
-        "version": VERSION,
-        "source": _source_fingerprint(mf),
-        "backend": backend,
-        "precision": precision,
-        "policies": {k: asdict(v) for k, v in pol.items()},
-        "shape": [height, width],
-        "opset": OPSET,
-        "tools": _tool_versions(),
-    }
-    build_key = hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:16]
+    build_key = _build_key(mf, backend, precision, policies(precision, backend, int4_block), height, width)
     if (out / MANIFEST).exists() and not force:
         try:
             old = Manifest.load(out)
@@ -150,97 +151,130 @@ def build_engine(
         raise UserError(f"{out} already holds a different engine; pass --force to replace it")
     if out.exists() and not (out / MANIFEST).exists() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not an engine folder; choose another -o")
-    if not out.parent.exists():
-        raise UserError(f"{out.parent}: folder does not exist")
-
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    prog = _Progress(quiet)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.build-", dir=out.parent))
     try:
-        comps = {}
-        cfg = mf.transformer_cfg
-        from .components import FolderReader, text_encoder_aliases, trace_text_encoder, trace_vae_decoder
-
-        comps.update(export_transformer(mf, tmp, pol["transformer"], height, width, prog))
-
-        te_dir = mf.component("text_encoder")
-        tcfg = json.loads((te_dir / "config.json").read_text())
-        prog.say("tracing the text encoder")
-        proto, rename = trace_text_encoder(te_dir, pol["text_encoder"].act_dtype)
-        rd = FolderReader(te_dir, text_encoder_aliases())
-        st = stream_weights(
-            proto,
-            lambda n: rd(rename(n)),
-            pol["text_encoder"],
-            tmp / "text_encoder.onnx.data",
-            progress=prog.bar("text encoder"),
+        data = export_onnx_folder(
+            model, tmp, backend, precision, height, width, int4_block, components, quiet
         )
-        save_model(proto, tmp / "text_encoder.onnx")
-        comps["text_encoder"] = {
-            "file": "text_encoder.onnx",
-            "data": "text_encoder.onnx.data",
-            "inputs": ["input_ids", "attention_mask"],
-            "outputs": ["hidden_states"],
-            "dtype": pol["text_encoder"].act_dtype,
-            "weight_bytes": st.bytes_written,
-            "dims": [tcfg.get("d_model"), tcfg.get("d_ff"), tcfg.get("num_heads")],
-        }
-
-        vae_dir = mf.component("vae")
-        prog.say("tracing the VAE decoder")
-        vcfg = json.loads((vae_dir / "config.json").read_text())
-        proto, rename = trace_vae_decoder(vae_dir)
-        rd = FolderReader(vae_dir)
-        st = stream_weights(proto, lambda n: rd(rename(n)), pol["vae_decoder"], tmp / "vae_decoder.onnx.data")
-        save_model(proto, tmp / "vae_decoder.onnx")
-        comps["vae_decoder"] = {
-            "file": "vae_decoder.onnx",
-            "data": "vae_decoder.onnx.data",
-            "inputs": ["latents"],
-            "outputs": ["image"],
-            "dtype": "fp32",
-            "scaling_factor": float(vcfg.get("scaling_factor", 0.13025)),
-            "channels": int(vcfg.get("block_out_channels", [128])[0]),
-            "weight_bytes": st.bytes_written,
-        }
-
-        tok = mf.component("tokenizer")
-        (tmp / "tokenizer").mkdir()
-        for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-            if (tok / f).is_file():
-                shutil.copy2(tok / f, tmp / "tokenizer" / f)
-        comps["tokenizer"] = {"dir": "tokenizer"}
-
-        prog.say("checksumming")
+        data["command"] = command
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-        write_manifest(
-            tmp,
-            {
-                "build_key": build_key,
-                "backend": backend,
-                "precision": precision,
-                "quantization": {k: asdict(v) for k, v in pol.items()},
-                "source": {"model": str(model), "fingerprint": key_data["source"]},
-                "transformer_config": cfg.to_dict(),
-                "scheduler": {"shift": mf.scheduler_shift()},
-                "opset": OPSET,
-                "components": comps,
-                "files": {f: file_entry(tmp, f) for f in files},
-                "tools": key_data["tools"],
-                "command": command,
-            },
-        )
+        data["files"] = {f: file_entry(tmp, f) for f in files}
+        write_manifest(tmp, data)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    prog.say(f"engine written to {out}")
+    if not quiet:
+        print(f"engine written to {out}", file=sys.stderr)
     return out
 
 
-def export_transformer(mf, folder: Path, policy: WeightPolicy, height: int, width: int, prog=None) -> dict:
+def _build_key(mf, backend, precision, pol, height, width, extra=None) -> str:
+    key_data = {
+        "version": VERSION,
+        "source": _source_fingerprint(mf),
+        "backend": backend,
+        "precision": precision,
+        "policies": {k: asdict(v) for k, v in pol.items()},
+        "shape": [height, width],
+        "opset": OPSET,
+        "tools": _tool_versions(),
+        "extra": extra,
+    }
+    return hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def export_onnx_folder(
+    model: str,
+    tmp: Path,
+    backend: str,
+    precision: str,
+    height: int,
+    width: int,
+    int4_block: int = 64,
+    components: str | None = None,
+    quiet: bool = False,
+    attention_plugin: bool = False,
+) -> dict:
+    """Export the three components (ONNX + external data), the modulation weights and the tokenizer
+    into ``tmp``; returns the manifest data (without the file list)."""
+    from .components import FolderReader, text_encoder_aliases, trace_text_encoder, trace_vae_decoder
+
+    mf = open_model(model, components)
+    check_latent_size(mf.transformer_cfg, height // 8, width // 8)
+    pol = policies(precision, backend, int4_block)
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    prog = _Progress(quiet)
+    cfg = mf.transformer_cfg
+    comps = export_transformer(mf, tmp, pol["transformer"], height, width, prog, attention_plugin)
+
+    te_dir = mf.component("text_encoder")
+    tcfg = json.loads((te_dir / "config.json").read_text())
+    prog.say("tracing the text encoder")
+    proto, rename = trace_text_encoder(te_dir, pol["text_encoder"].act_dtype)
+    rd = FolderReader(te_dir, text_encoder_aliases())
+    st = stream_weights(
+        proto,
+        lambda n: rd(rename(n)),
+        pol["text_encoder"],
+        tmp / "text_encoder.onnx.data",
+        progress=prog.bar("text encoder"),
+    )
+    save_model(proto, tmp / "text_encoder.onnx")
+    comps["text_encoder"] = {
+        "file": "text_encoder.onnx",
+        "data": "text_encoder.onnx.data",
+        "inputs": ["input_ids", "attention_mask"],
+        "outputs": ["hidden_states"],
+        "dtype": pol["text_encoder"].act_dtype,
+        "weight_bytes": st.bytes_written,
+        "dims": [tcfg.get("d_model"), tcfg.get("d_ff"), tcfg.get("num_heads")],
+    }
+
+    vae_dir = mf.component("vae")
+    prog.say("tracing the VAE decoder")
+    vcfg = json.loads((vae_dir / "config.json").read_text())
+    proto, rename = trace_vae_decoder(vae_dir)
+    rd = FolderReader(vae_dir)
+    st = stream_weights(proto, lambda n: rd(rename(n)), pol["vae_decoder"], tmp / "vae_decoder.onnx.data")
+    save_model(proto, tmp / "vae_decoder.onnx")
+    comps["vae_decoder"] = {
+        "file": "vae_decoder.onnx",
+        "data": "vae_decoder.onnx.data",
+        "inputs": ["latents"],
+        "outputs": ["image"],
+        "dtype": "fp32",
+        "scaling_factor": float(vcfg.get("scaling_factor", 0.13025)),
+        "channels": int(vcfg.get("block_out_channels", [128])[0]),
+        "weight_bytes": st.bytes_written,
+    }
+
+    tok = mf.component("tokenizer")
+    (tmp / "tokenizer").mkdir()
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tok / f).is_file():
+            shutil.copy2(tok / f, tmp / "tokenizer" / f)
+    comps["tokenizer"] = {"dir": "tokenizer"}
+    return {
+        "build_key": _build_key(mf, backend, precision, pol, height, width),
+        "backend": backend,
+        "precision": precision,
+        "quantization": {k: asdict(v) for k, v in pol.items()},
+        "source": {"model": str(model), "fingerprint": _source_fingerprint(mf)},
+        "transformer_config": cfg.to_dict(),
+        "scheduler": {"shift": mf.scheduler_shift()},
+        "opset": OPSET,
+        "attention_plugin": attention_plugin,
+        "components": comps,
+        "tools": _tool_versions(),
+    }
+
+
+def export_transformer(
+    mf, folder: Path, policy: WeightPolicy, height: int, width: int, prog=None, attention_plugin: bool = False
+) -> dict:
     """The transformer graph + weights and the folded modulation weights, streamed into ``folder``."""
     from .components import trace_transformer
 
@@ -249,7 +283,7 @@ def export_transformer(mf, folder: Path, policy: WeightPolicy, height: int, widt
     prog.say(
         f"tracing the transformer ({cfg.hidden} wide, {cfg.num_mmdit_layers}+{cfg.num_single_dit_layers} blocks) on meta"
     )
-    proto, rename = trace_transformer(cfg, height, width, policy.act_dtype)
+    proto, rename = trace_transformer(cfg, height, width, policy.act_dtype, attention_plugin)
     prog.say(f"writing transformer weights ({policy.fmt}, activations {policy.act_dtype})")
     st = stream_weights(
         proto,

@@ -42,8 +42,11 @@ def _torch_dtype(name: str):
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
-def trace_transformer(cfg: AuraFlowConfig, height: int, width: int, act_dtype: str = "fp32"):
-    """Weightless graph of the folded transformer: (latents, context, modulation) -> velocity."""
+def trace_transformer(
+    cfg: AuraFlowConfig, height: int, width: int, act_dtype: str = "fp32", attention_plugin: bool = False
+):
+    """Weightless graph of the folded transformer: (latents, context, modulation) -> velocity.
+    ``attention_plugin``: attention as one auraflow_edge.AuraFlowAttention node (TensorRT plugin)."""
     import torch
 
     from ..engine.model import AuraFlowTransformer
@@ -66,9 +69,15 @@ def trace_transformer(cfg: AuraFlowConfig, height: int, width: int, act_dtype: s
             torch.zeros(2, TEXT_LENGTH, cfg.joint_attention_dim, dtype=dt),
             torch.zeros(1, cfg.num_modulations, cfg.hidden, dtype=dt),
         )
+    table = None
+    if attention_plugin:
+        from . import tensorrt_plugin
+
+        tensorrt_plugin.install(model.m)
+        table = tensorrt_plugin.translation_table()
     batch = torch.export.Dim("batch", min=1, max=2)
     dyn = {"latents": {0: batch}, "context": {0: batch}, "modulation": None}
-    proto = trace(model, args, TRANSFORMER.inputs, TRANSFORMER.outputs, dyn)
+    proto = trace(model, args, TRANSFORMER.inputs, TRANSFORMER.outputs, dyn, table)
     return proto, (lambda n: n[2:] if n.startswith("m.") else n)
 
 

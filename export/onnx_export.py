@@ -66,7 +66,9 @@ class WeightPolicy:
         return self.fmt
 
 
-def trace(module, args: tuple, input_names, output_names, dynamic_shapes=None) -> onnx.ModelProto:
+def trace(
+    module, args: tuple, input_names, output_names, dynamic_shapes=None, translations=None
+) -> onnx.ModelProto:
     """Export ``module`` (built on the meta device) to a weightless ModelProto."""
     import logging
 
@@ -86,6 +88,7 @@ def trace(module, args: tuple, input_names, output_names, dynamic_shapes=None) -
             input_names=list(input_names),
             output_names=list(output_names),
             dynamic_shapes=dynamic_shapes,
+            custom_translation_table=translations,
         )
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "graph.onnx"

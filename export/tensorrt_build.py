@@ -1,0 +1,361 @@
+"""TensorRT engines for one GPU: strongly typed, one optimization profile per shape set, timing
+cache, progress, weight streaming when the budget needs it.
+
+Written against TensorRT's documented Python API (10.x). TensorRT cannot run on the machines this
+project is built on: everything that needs ``import tensorrt`` is UNVERIFIED (see the README);
+the pure logic around it (shapes and profiles, engine keys, weight-streaming arithmetic, the ONNX
+operator check) is tested on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..engine.errors import UserError
+from ..engine.model_config import AuraFlowConfig
+
+# ONNX operators TensorRT 10 does not parse (onnx-tensorrt docs/operators.md, "N" rows), plus any
+# operator outside the standard domain except our plugin's.
+TRT_UNSUPPORTED = {
+    "BitShift", "ConcatFromSequence", "ConvInteger", "Det", "DynamicQuantizeLinear", "MatMulInteger",
+    "MaxRoiPool", "MaxUnpool", "Multinomial", "NegativeLogLikelihoodLoss", "Optional", "OptionalGetElement",
+    "OptionalHasElement", "QLinearConv", "QLinearMatMul", "RandomNormal", "RandomNormalLike", "SequenceAt",
+    "SequenceConstruct", "SequenceEmpty", "SequenceErase", "SequenceInsert", "SequenceLength", "SequenceMap",
+    "SoftmaxCrossEntropyLoss", "SplitToSequence", "StringNormalizer", "TfIdfVectorizer", "Unique",
+}  # fmt: skip
+PLUGIN_DOMAINS = {"auraflow_edge"}
+HARDWARE_COMPAT = ("none", "ampere+", "same-cc")
+
+
+def unsupported_ops(model_path: str | Path) -> list[str]:
+    """Operators in an ONNX graph that TensorRT's ONNX parser would reject."""
+    import onnx
+
+    m = onnx.load(str(model_path), load_external_data=False)
+    bad = set()
+    for n in m.graph.node:
+        dom = n.domain or "ai.onnx"
+        if dom in PLUGIN_DOMAINS:
+            continue
+        if dom != "ai.onnx" or n.op_type in TRT_UNSUPPORTED:
+            bad.add(f"{dom}::{n.op_type}")
+    return sorted(bad)
+
+
+def parse_shapes(spec: str | None, height: int, width: int) -> list[tuple[int, int]]:
+    """'1024x1024,768x1344' (width x height) -> [(h, w), ...]; default: the single --height/--width."""
+    if not spec:
+        return [(height, width)]
+    out = []
+    for part in spec.split(","):
+        m = re.fullmatch(r"\s*(\d+)x(\d+)\s*", part)
+        if not m:
+            raise UserError(f"cannot read shape {part!r}; write WIDTHxHEIGHT, e.g. 1024x1024")
+        w, h = int(m.group(1)), int(m.group(2))
+        if h % 16 or w % 16:
+            raise UserError(f"shape {w}x{h}: sides must be multiples of 16")
+        out.append((h, w))
+    return out
+
+
+@dataclass(frozen=True)
+class Profile:
+    """min / opt / max shape per input name, for one optimization profile."""
+
+    shapes: dict  # name -> (min, opt, max)
+
+
+def transformer_profiles(
+    cfg: AuraFlowConfig, shapes: list[tuple[int, int]], dynamic: bool, text_len: int = 256
+) -> list[Profile]:
+    """Static: one profile per shape set (fastest kernels). Dynamic: one profile from 256 px to the
+    largest side the positional grid allows. Batch 1..2 (CFG batch 2 is the optimum)."""
+    c, m = cfg.in_channels, cfg.num_modulations
+    mod = ((1, m, cfg.hidden),) * 3
+    ctx = lambda b: (b, text_len, cfg.joint_attention_dim)  # noqa: E731
+    if dynamic:
+        top = cfg.max_pixels_side // 8
+        oh, ow = shapes[0]
+        lat = ((1, c, 32, 32), (2, c, oh // 8, ow // 8), (2, c, top, top))
+        return [Profile({"latents": lat, "context": (ctx(1), ctx(2), ctx(2)), "modulation": mod})]
+    out = []
+    for h, w in shapes:
+        lat = ((1, c, h // 8, w // 8), (2, c, h // 8, w // 8), (2, c, h // 8, w // 8))
+        out.append(Profile({"latents": lat, "context": (ctx(1), ctx(2), ctx(2)), "modulation": mod}))
+    return out
+
+
+def vae_profiles(
+    shapes: list[tuple[int, int]], dynamic: bool, max_side: int, channels: int = 4
+) -> list[Profile]:
+    if dynamic:
+        oh, ow = shapes[0]
+        return [
+            Profile(
+                {
+                    "latents": (
+                        (1, channels, 32, 32),
+                        (1, channels, oh // 8, ow // 8),
+                        (1, channels, max_side // 8, max_side // 8),
+                    )
+                }
+            )
+        ]
+    return [Profile({"latents": ((1, channels, h // 8, w // 8),) * 3}) for h, w in shapes]
+
+
+def text_encoder_profiles(text_len: int = 256) -> list[Profile]:
+    s = ((1, text_len),) * 3
+    return [Profile({"input_ids": s, "attention_mask": s})]
+
+
+def engine_key(
+    gpu_name: str, compute_capability: tuple[int, int], trt_version: str, hardware_compat: str = "none"
+) -> str:
+    """How an engine file is keyed in the manifest: the GPU, its compute capability and TensorRT."""
+    gpu = re.sub(r"[^A-Za-z0-9]+", "-", gpu_name).strip("-").lower()
+    cc = f"sm{compute_capability[0]}{compute_capability[1]}"
+    hw = "" if hardware_compat == "none" else f"-{hardware_compat.replace('+', 'plus')}"
+    return f"{gpu}-{cc}-trt{trt_version}{hw}"
+
+
+@dataclass(frozen=True)
+class StreamingPlan:
+    enable: bool
+    budget: int  # bytes of weights kept resident on the device (-1: all)
+    streamed: int  # bytes fetched from host memory per forward
+
+
+def weight_streaming_plan(
+    weight_bytes: int, activation_bytes: int, vram_budget: int | None, margin: int = 256 * 2**20
+) -> StreamingPlan:
+    """Weights that do not fit next to the activations (and a margin) are streamed from host
+    memory each step: slower, but an fp16 engine still runs within 8 GB."""
+    if vram_budget is None:
+        return StreamingPlan(False, -1, 0)
+    room = vram_budget - activation_bytes - margin
+    if room <= 0:
+        raise UserError(
+            f"a budget of {vram_budget / 2**30:.2f} GiB leaves no room for weights next to "
+            f"{activation_bytes / 2**30:.2f} GiB of activations; use a smaller image or a larger budget"
+        )
+    if weight_bytes <= room:
+        return StreamingPlan(False, -1, 0)
+    return StreamingPlan(True, room, weight_bytes - room)
+
+
+def _require_tensorrt():
+    try:
+        import tensorrt as trt  # noqa: F401
+    except ImportError:
+        raise UserError(
+            'TensorRT is not installed: on a machine with an NVIDIA GPU, `pip install "auraflow-edge[tensorrt]"`; '
+            "or build for ONNX Runtime with --backend onnxruntime"
+        ) from None
+    return trt
+
+
+def gpu_identity() -> tuple[str, tuple[int, int]]:  # pragma: no cover - needs a GPU
+    from cuda.bindings import runtime as cudart
+
+    err, props = cudart.cudaGetDeviceProperties(0)
+    if err != cudart.cudaError_t.cudaSuccess:
+        raise UserError("no CUDA GPU visible; TensorRT engines are built on the GPU they run on")
+    return props.name.decode().rstrip("\0"), (props.major, props.minor)
+
+
+def build_one(
+    trt,
+    onnx_path: Path,
+    plan_path: Path,
+    profiles: list[Profile],
+    *,
+    workspace: int,
+    timing_cache: Path | None,
+    hardware_compat: str,
+    weight_streaming: bool,
+    quiet: bool,
+    plugin_arch: int | None = None,
+) -> dict:  # pragma: no cover - needs TensorRT
+    logger = trt.Logger(trt.Logger.WARNING)
+    if plugin_arch is not None:
+        from .tensorrt_plugin import register_tensorrt_plugin
+
+        register_tensorrt_plugin(plugin_arch)
+    builder = trt.Builder(logger)
+    # Strongly typed: precisions come from the graph (Q/DQ weights, fp16/bf16 activations).
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise UserError(f"TensorRT cannot parse {onnx_path.name}: {errs[:500]}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
+    if weight_streaming:
+        config.set_flag(trt.BuilderFlag.WEIGHT_STREAMING)
+    if hardware_compat == "ampere+":
+        config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
+    elif hardware_compat == "same-cc":
+        config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY
+    for p in profiles:
+        prof = builder.create_optimization_profile()
+        for name, (mn, opt, mx) in p.shapes.items():
+            prof.set_shape(name, mn, opt, mx)
+        config.add_optimization_profile(prof)
+    cache_bytes = timing_cache.read_bytes() if timing_cache and timing_cache.exists() else b""
+    cache = config.create_timing_cache(cache_bytes)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    if not quiet:
+        config.progress_monitor = _progress_monitor(trt)
+    t0 = time.perf_counter()
+    blob = builder.build_serialized_network(network, config)
+    if blob is None:
+        raise UserError(f"TensorRT failed to build {onnx_path.name} (see the messages above)")
+    plan_path.write_bytes(bytes(blob))
+    if timing_cache:
+        timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
+    return {
+        "file": plan_path.name,
+        "build_seconds": time.perf_counter() - t0,
+        "weight_streaming": weight_streaming,
+        "profiles": [{k: [list(s) for s in v] for k, v in p.shapes.items()} for p in profiles],
+    }
+
+
+def _progress_monitor(trt):  # pragma: no cover - needs TensorRT
+    class Monitor(trt.IProgressMonitor):
+        def __init__(self):
+            trt.IProgressMonitor.__init__(self)
+
+        def phase_start(self, parent_phase, phase_name, num_steps):
+            print(f"  [trt] {phase_name} ({num_steps} steps)", file=sys.stderr, flush=True)
+
+        def step_complete(self, phase_name, step):
+            return True
+
+        def phase_finish(self, phase_name):
+            pass
+
+    return Monitor()
+
+
+def build_tensorrt(
+    model: str,
+    out: str | Path,
+    precision: str = "fp16",
+    height: int = 1024,
+    width: int = 1024,
+    shapes: str | None = None,
+    vram_budget: str | None = None,
+    timing_cache: str | None = None,
+    dynamic_shapes: bool = False,
+    hardware_compat: str = "none",
+    attention_plugin: bool = False,
+    components: str | None = None,
+    force: bool = False,
+    quiet: bool = False,
+    command: str = "",
+) -> Path:
+    """Export the ONNX (TensorRT form) into a temp folder, build one engine per component, rename."""
+    if hardware_compat not in HARDWARE_COMPAT:
+        raise UserError(f"--hardware-compat must be one of {', '.join(HARDWARE_COMPAT)}")
+    trt = _require_tensorrt()  # before spending minutes on the export
+    from ..engine.manifest import MANIFEST, Manifest, file_entry, write_manifest
+    from ..engine.planner import parse_bytes
+    from .build import export_onnx_folder
+
+    out = Path(out)
+    shape_list = parse_shapes(shapes, height, width)
+    h0, w0 = shape_list[0]
+    gpu, cc = gpu_identity()
+    key = engine_key(gpu, cc, trt.__version__, hardware_compat)
+    if (out / MANIFEST).exists() and not force:
+        m = Manifest.load(out)
+        if key in m.get("engines", {}):
+            if not quiet:
+                print(f"{out}: already has engines for {key}; reusing them", file=sys.stderr)
+            return out
+    tmp = Path(
+        tempfile.mkdtemp(prefix=f".{out.name}.build-", dir=out.parent if out.parent.exists() else None)
+    )
+    try:
+        data = export_onnx_folder(
+            model,
+            tmp,
+            "tensorrt",
+            precision,
+            h0,
+            w0,
+            components=components,
+            quiet=quiet,
+            attention_plugin=attention_plugin,
+        )
+        cfg = AuraFlowConfig(**data["transformer_config"])
+        comps = data["components"]
+        for name in ("transformer", "text_encoder", "vae_decoder"):
+            bad = unsupported_ops(tmp / comps[name]["file"])
+            if bad:
+                raise UserError(f"{name} graph has operators TensorRT cannot parse: {', '.join(bad)}")
+        budget = parse_bytes(vram_budget) if vram_budget else None
+        from ..engine.planner import sizes_from_manifest  # noqa: F401  (sizes use the same estimates)
+
+        act = 2 * (256 + 8 + (h0 // 16) * (w0 // 16)) * (8 * cfg.hidden + 3 * cfg.ff_hidden) * 2
+        ws = weight_streaming_plan(comps["transformer"]["weight_bytes"], act, budget)
+        workspace = min(budget // 4 if budget else 4 << 30, 4 << 30)
+        cache = Path(timing_cache) if timing_cache else None
+        engines = {}
+        specs = {
+            "transformer": (transformer_profiles(cfg, shape_list, dynamic_shapes), ws.enable),
+            "text_encoder": (text_encoder_profiles(), False),
+            "vae_decoder": (vae_profiles(shape_list, dynamic_shapes, cfg.max_pixels_side), False),
+        }
+        for name, (profs, stream) in specs.items():
+            if not quiet:
+                print(f"building the {name} engine for {gpu} ({key})", file=sys.stderr)
+            engines[name] = build_one(
+                trt,
+                tmp / comps[name]["file"],
+                tmp / f"{name}.{key}.plan",
+                profs,
+                workspace=workspace,
+                timing_cache=cache,
+                hardware_compat=hardware_compat,
+                weight_streaming=stream,
+                quiet=quiet,
+                plugin_arch=cc[0] * 10 + cc[1] if attention_plugin and name == "transformer" else None,
+            )
+        engines["transformer"]["streaming_budget"] = ws.budget
+        data["backend"] = "tensorrt"
+        data["engines"] = {
+            key: {
+                "gpu": gpu,
+                "compute_capability": list(cc),
+                "tensorrt": trt.__version__,
+                "hardware_compat": hardware_compat,
+                "components": engines,
+                "shapes": [list(s) for s in shape_list],
+                "dynamic_shapes": dynamic_shapes,
+            }
+        }
+        data["command"] = command
+        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file() and p.name != MANIFEST)
+        data["files"] = {f: file_entry(tmp, f) for f in files}
+        write_manifest(tmp, {k: v for k, v in data.items() if k not in ("format", "version")})
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def describe_engines(manifest) -> str:
+    return json.dumps(manifest.get("engines", {}), indent=1)
