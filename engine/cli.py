@@ -148,6 +148,7 @@ def cmd_demo(args) -> int:
         "cpu",
         None,
     )
+    args.vram_budget, args.vae_tiles, args.memory_report = None, None, False
     cmd_generate(args)
     print(f"demo image: {args.output}")
     return 0

@@ -17,6 +17,7 @@ def cmd_build(args) -> int:
         height=args.height,
         width=args.width,
         int4_block=args.int4_block,
+        ort_int8=args.ort_int8,
         components=args.components,
         force=args.force,
         quiet=args.quiet,
@@ -99,6 +100,12 @@ def add_commands(sub) -> None:
     b.add_argument("--height", type=int, default=1024)
     b.add_argument("--width", type=int, default=1024)
     b.add_argument("--int4-block", type=int, default=64)
+    b.add_argument(
+        "--ort-int8",
+        default="dynamic",
+        choices=["dynamic", "nbits"],
+        help="ONNX Runtime int8 kernel: dynamic (fastest, per-tensor activations) or nbits (more accurate)",
+    )
     b.add_argument("--components", help="pipeline folder with text_encoder/vae/tokenizer for a single file")
     b.add_argument("--force", action="store_true", help="replace an existing engine folder")
     t = b.add_argument_group("TensorRT")

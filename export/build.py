@@ -31,8 +31,20 @@ PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "int8", "int4")
 KEEP_FLOAT = ("pos_embed.proj", "proj_out")
 
 
-def policies(precision: str, backend: str, int4_block: int) -> dict[str, WeightPolicy]:
-    """Per component weight policy for a precision and backend."""
+ORT_INT8_KERNELS = ("dynamic", "nbits")
+
+
+def policies(
+    precision: str, backend: str, int4_block: int, ort_int8: str = "dynamic"
+) -> dict[str, WeightPolicy]:
+    """Per component weight policy for a precision and backend.
+
+    ONNX Runtime int8: ``dynamic`` (DynamicQuantizeMatMul, per-tensor activation scale: about twice
+    as fast on CPU as ``nbits``) or ``nbits`` (MatMulNBits, activations quantized per block of K:
+    about 5x less error). Measured on the mid-size model: 0.70 vs 1.45 s/step, 1.2% vs 0.22% rel L2.
+    """
+    if ort_int8 not in ORT_INT8_KERNELS:
+        raise UserError(f"--ort-int8 must be one of {', '.join(ORT_INT8_KERNELS)}")
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
     ort = backend == "onnxruntime"
@@ -47,9 +59,9 @@ def policies(precision: str, backend: str, int4_block: int) -> dict[str, WeightP
         te = WeightPolicy("float", "fp32" if ort else precision)
     else:
         act = "fp32" if ort else "fp16"
-        tr = WeightPolicy(precision, act, int4_block, ort_native=ort, keep=KEEP_FLOAT)
+        tr = WeightPolicy(precision, act, int4_block, ort_native=ort, keep=KEEP_FLOAT, ort_int8=ort_int8)
         # UMT5 overflows in fp16 activations; its weights still quantize (1.2 B parameters).
-        te = WeightPolicy(precision, "fp32", int4_block, ort_native=ort)
+        te = WeightPolicy(precision, "fp32", int4_block, ort_native=ort, ort_int8=ort_int8)
     return {"transformer": tr, "text_encoder": te, "vae_decoder": WeightPolicy("float", "fp32")}
 
 
@@ -111,6 +123,7 @@ def build_engine(
     force: bool = False,
     quiet: bool = False,
     command: str = "",
+    ort_int8: str = "dynamic",
     **trt_options,
 ) -> Path:
     if backend == "tensorrt":
@@ -138,7 +151,9 @@ def build_engine(
         raise UserError(f"{out.parent}: folder does not exist")
     mf = open_model(model, components)
     check_latent_size(mf.transformer_cfg, height // 8, width // 8)
-    build_key = _build_key(mf, backend, precision, policies(precision, backend, int4_block), height, width)
+    build_key = _build_key(
+        mf, backend, precision, policies(precision, backend, int4_block, ort_int8), height, width
+    )
     if (out / MANIFEST).exists() and not force:
         try:
             old = Manifest.load(out)
@@ -154,7 +169,7 @@ def build_engine(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.build-", dir=out.parent))
     try:
         data = export_onnx_folder(
-            model, tmp, backend, precision, height, width, int4_block, components, quiet
+            model, tmp, backend, precision, height, width, int4_block, components, quiet, ort_int8=ort_int8
         )
         data["command"] = command
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
@@ -197,6 +212,7 @@ def export_onnx_folder(
     components: str | None = None,
     quiet: bool = False,
     attention_plugin: bool = False,
+    ort_int8: str = "dynamic",
 ) -> dict:
     """Export the three components (ONNX + external data), the modulation weights and the tokenizer
     into ``tmp``; returns the manifest data (without the file list)."""
@@ -204,7 +220,7 @@ def export_onnx_folder(
 
     mf = open_model(model, components)
     check_latent_size(mf.transformer_cfg, height // 8, width // 8)
-    pol = policies(precision, backend, int4_block)
+    pol = policies(precision, backend, int4_block, ort_int8)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     prog = _Progress(quiet)
     cfg = mf.transformer_cfg

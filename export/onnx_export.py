@@ -57,6 +57,9 @@ class WeightPolicy:
     int4_block: int = 64
     ort_native: bool = False
     keep: tuple[str, ...] = ()
+    # ONNX Runtime int8 kernel: "dynamic" (DynamicQuantizeMatMul: per-tensor activation quantization,
+    # fastest on CPU) or "nbits" (MatMulNBits, activations quantized per block of K: more accurate)
+    ort_int8: str = "nbits"
 
     def format_for(self, name: str, shape: tuple[int, ...]) -> str:
         if self.fmt == "float" or any(k in name for k in self.keep):
@@ -195,7 +198,23 @@ def stream_weights(
             fmt = policy.format_for(name, w.shape)
             nbits = {"int8": 8, "int4": 4}.get(fmt)
             block = _nbits_block(w.shape[1], policy.int4_block if fmt == "int4" else 128)
-            if policy.ort_native and nbits and block:
+            if policy.ort_native and fmt == "int8" and policy.ort_int8 == "dynamic":
+                # ONNX Runtime's fastest CPU int8 path: activations quantized per tensor at run time
+                # (uint8, asymmetric), int8 weights per output channel, int32 accumulate.
+                q, s = qz.quantize_int8(w)
+                qt = np.ascontiguousarray(q.T)  # (in, out)
+                g.initializer.append(writer.array(name + "_q", qt))
+                g.initializer.append(writer.array(name + "_scale", s.astype(np.float32)))
+                stats.add(fmt, qt.nbytes + s.nbytes)
+                for u in users:
+                    replace_node[id(u)] = helper.make_node(
+                        "DynamicQuantizeMatMul",
+                        [u.input[0], name + "_q", name + "_scale"],
+                        list(u.output),
+                        domain="com.microsoft",
+                    )
+                uses_ms = True
+            elif policy.ort_native and nbits and block:
                 q, s = qz.quantize_int4(w, policy.int4_block) if fmt == "int4" else qz.quantize_int8(w)
                 if fmt == "int8":  # per-channel scale, repeated over the blocks
                     s = np.repeat(s[:, None], w.shape[1] // block, axis=1)

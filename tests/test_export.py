@@ -19,16 +19,26 @@ from auraflow_edge.engine.torch_backend import load_transformer
 from auraflow_edge.export.build import build_engine
 from conftest import GEN
 
-PRECISIONS = ["fp32", "fp16", "int8", "fp8", "int4"]
+PRECISIONS = ["fp32", "fp16", "int8", "int8-nbits", "fp8", "int4"]
 
 
 @pytest.fixture(scope="session")
 def engines(tiny_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("engines")
-    return {
-        p: build_engine(str(tiny_dir), root / p, precision=p, height=64, width=96, int4_block=16, quiet=True)
-        for p in PRECISIONS
-    }
+    out = {}
+    for p in PRECISIONS:
+        prec, _, kernel = p.partition("-")
+        out[p] = build_engine(
+            str(tiny_dir),
+            root / p,
+            precision=prec,
+            height=64,
+            width=96,
+            int4_block=16,
+            quiet=True,
+            ort_int8=kernel or "dynamic",
+        )
+    return out
 
 
 def test_modulation_table_matches_torch(tiny_dir, engines):
@@ -86,11 +96,13 @@ def psnr(a, b):
 
 
 # relative L2 / cosine / image PSNR bounds per precision, about twice the error measured
-# measured on this model: fp16 5.0e-4 / 65 dB, int8 2.7e-3 / 57 dB, fp8 4.7e-3 / 57 dB, int4 2.0e-2 / 54 dB
+# measured on this model: fp16 5.0e-4 / 65 dB, int8 (dynamic) 8.9e-3 / 53 dB, int8-nbits 2.7e-3 / 57 dB,
+# fp8 4.7e-3 / 57 dB, int4 2.0e-2 / 54 dB
 BOUNDS = {
     "fp32": (1e-5, 0.99999, 60),
     "fp16": (1e-3, 0.99999, 55),
-    "int8": (6e-3, 0.99998, 50),
+    "int8": (1.8e-2, 0.9999, 48),
+    "int8-nbits": (6e-3, 0.99998, 50),
     "fp8": (1e-2, 0.99995, 50),
     "int4": (4e-2, 0.999, 46),
 }

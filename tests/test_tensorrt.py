@@ -150,7 +150,7 @@ def test_operator_check_catches_unsupported(tiny_dir, tmp_path):
     from auraflow_edge.export.build import build_engine
 
     e = build_engine(str(tiny_dir), tmp_path / "ort", precision="int8", height=64, width=96, quiet=True)
-    assert tb.unsupported_ops(e / "transformer.onnx") == ["com.microsoft::MatMulNBits"]
+    assert tb.unsupported_ops(e / "transformer.onnx") == ["com.microsoft::DynamicQuantizeMatMul"]
 
 
 def test_plugin_node_and_attributes(trt_exports, tiny_dir):
