@@ -18,6 +18,8 @@ def cmd_build(args) -> int:
         width=args.width,
         int4_block=args.int4_block,
         ort_int8=args.ort_int8,
+        act_quant=args.act_quant,
+        calibration_prompts=args.calibration_prompts,
         components=args.components,
         force=args.force,
         quiet=args.quiet,
@@ -108,6 +110,14 @@ def add_commands(sub) -> None:
     )
     b.add_argument("--components", help="pipeline folder with text_encoder/vae/tokenizer for a single file")
     b.add_argument("--force", action="store_true", help="replace an existing engine folder")
+    b.add_argument(
+        "--act-quant",
+        choices=["int8", "fp8"],
+        help="W8A8: also quantize activations (static scales from calibration, SmoothQuant), as Q/DQ pairs",
+    )
+    b.add_argument(
+        "--calibration-prompts", type=int, default=8, help="built-in calibration prompts to use (1-8)"
+    )
     t = b.add_argument_group("TensorRT")
     t.add_argument(
         "--shapes", help="WxH[,WxH...]: one optimization profile per shape set (default: --width x --height)"

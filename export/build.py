@@ -124,11 +124,14 @@ def build_engine(
     quiet: bool = False,
     command: str = "",
     ort_int8: str = "dynamic",
+    act_quant: str | None = None,
+    calibration_prompts: int = 8,
     **trt_options,
 ) -> Path:
     if backend == "tensorrt":
         from .tensorrt_build import build_tensorrt
 
+        trt_options.update(act_quant=act_quant, calibration_prompts=calibration_prompts)
         return build_tensorrt(
             model,
             out,
@@ -152,7 +155,13 @@ def build_engine(
     mf = open_model(model, components)
     check_latent_size(mf.transformer_cfg, height // 8, width // 8)
     build_key = _build_key(
-        mf, backend, precision, policies(precision, backend, int4_block, ort_int8), height, width
+        mf,
+        backend,
+        precision,
+        policies(precision, backend, int4_block, ort_int8),
+        height,
+        width,
+        extra={"act_quant": act_quant, "calibration_prompts": calibration_prompts} if act_quant else None,
     )
     if (out / MANIFEST).exists() and not force:
         try:
@@ -169,8 +178,21 @@ def build_engine(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.build-", dir=out.parent))
     try:
         data = export_onnx_folder(
-            model, tmp, backend, precision, height, width, int4_block, components, quiet, ort_int8=ort_int8
+            model,
+            tmp,
+            backend,
+            precision,
+            height,
+            width,
+            int4_block,
+            components,
+            quiet,
+            ort_int8=ort_int8,
+            act_quant=act_quant,
+            calibration_prompts=calibration_prompts,
         )
+        if act_quant:
+            data["build_key"] = build_key
         data["command"] = command
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
         data["files"] = {f: file_entry(tmp, f) for f in files}
@@ -213,6 +235,9 @@ def export_onnx_folder(
     quiet: bool = False,
     attention_plugin: bool = False,
     ort_int8: str = "dynamic",
+    act_quant: str | None = None,
+    calibration_prompts: int = 8,
+    smooth_alpha: float = 0.5,
 ) -> dict:
     """Export the three components (ONNX + external data), the modulation weights and the tokenizer
     into ``tmp``; returns the manifest data (without the file list)."""
@@ -224,7 +249,34 @@ def export_onnx_folder(
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     prog = _Progress(quiet)
     cfg = mf.transformer_cfg
-    comps = export_transformer(mf, tmp, pol["transformer"], height, width, prog, attention_plugin)
+    stats, calib = None, None
+    if act_quant:
+        if act_quant != precision or precision not in ("int8", "fp8"):
+            raise UserError(
+                "--act-quant needs --precision int8 (with --act-quant int8) or fp8 (with --act-quant fp8)"
+            )
+        from dataclasses import replace
+
+        from ..engine.safetensors_io import save_file
+        from .calibrate import CALIBRATION_PROMPTS, calibrate
+
+        prompts = CALIBRATION_PROMPTS[: max(1, calibration_prompts)]
+        side = min(512, height, width)
+        prog.say(f"calibrating activations on {len(prompts)} prompts ({side}x{side}, 4 steps)")
+        stats = calibrate(mf, prompts, steps=4, height=side, width=side)
+        save_file(stats, tmp / "calibration.safetensors")
+        pol["transformer"] = replace(
+            pol["transformer"], ort_native=False, act_quant=act_quant, smooth_alpha=smooth_alpha
+        )
+        calib = {
+            "act_quant": act_quant,
+            "prompts": prompts,
+            "steps": 4,
+            "size": side,
+            "smooth_alpha": smooth_alpha,
+            "file": "calibration.safetensors",
+        }
+    comps = export_transformer(mf, tmp, pol["transformer"], height, width, prog, attention_plugin, stats)
 
     te_dir = mf.component("text_encoder")
     tcfg = json.loads((te_dir / "config.json").read_text())
@@ -283,15 +335,25 @@ def export_onnx_folder(
         "scheduler": {"shift": mf.scheduler_shift()},
         "opset": OPSET,
         "attention_plugin": attention_plugin,
+        "calibration": calib,
         "components": comps,
         "tools": _tool_versions(),
     }
 
 
 def export_transformer(
-    mf, folder: Path, policy: WeightPolicy, height: int, width: int, prog=None, attention_plugin: bool = False
+    mf,
+    folder: Path,
+    policy: WeightPolicy,
+    height: int,
+    width: int,
+    prog=None,
+    attention_plugin: bool = False,
+    act_stats: dict | None = None,
 ) -> dict:
-    """The transformer graph + weights and the folded modulation weights, streamed into ``folder``."""
+    """The transformer graph + weights and the folded modulation weights, streamed into ``folder``.
+    ``act_stats`` (weight name -> per-input-channel activation amax) enables W8A8 Q/DQ when the
+    policy asks for activation quantization."""
     from .components import trace_transformer
 
     prog = prog or _Progress(True)
@@ -307,6 +369,7 @@ def export_transformer(
         policy,
         folder / "transformer.onnx.data",
         progress=prog.bar("transformer"),
+        act_stats={"m." + k: v for k, v in (act_stats or {}).items()},
     )
     save_model(proto, folder / "transformer.onnx")
     prog.say("writing the folded modulation weights")

@@ -60,6 +60,10 @@ class WeightPolicy:
     # ONNX Runtime int8 kernel: "dynamic" (DynamicQuantizeMatMul: per-tensor activation quantization,
     # fastest on CPU) or "nbits" (MatMulNBits, activations quantized per block of K: more accurate)
     ort_int8: str = "nbits"
+    # W8A8: static activation quantization ("int8" / "fp8", matching ``fmt``) from calibration stats,
+    # with SmoothQuant smoothing strength ``smooth_alpha``; emitted as Q/DQ pairs (TensorRT form)
+    act_quant: str | None = None
+    smooth_alpha: float = 0.5
 
     def format_for(self, name: str, shape: tuple[int, ...]) -> str:
         if self.fmt == "float" or any(k in name for k in self.keep):
@@ -157,6 +161,7 @@ def stream_weights(
     data_path: Path,
     param_dtypes: dict[str, np.dtype] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    act_stats: dict[str, np.ndarray] | None = None,
 ) -> StreamStats:
     """Attach every parameter of the traced graph from ``read(name)``, quantizing linear weights.
 
@@ -182,6 +187,7 @@ def stream_weights(
     new_nodes: list[onnx.NodeProto] = []
     drop: set[int] = set()
     replace_node: dict[int, onnx.NodeProto] = {}
+    insert_before: dict[int, list[onnx.NodeProto]] = {}  # activation Q/DQ goes right before its MatMul
     uses_ms = False
     try:
         for i, name in enumerate(params):
@@ -242,6 +248,13 @@ def stream_weights(
                 stats.add("float", wt.nbytes)
                 _rewire(users, tnode.output[0], name + "_T")
             else:
+                amax = (act_stats or {}).get(name) if policy.act_quant else None
+                if amax is not None and fmt == policy.act_quant:
+                    from .calibrate import smoothing
+
+                    sm = smoothing(amax, w, policy.smooth_alpha)
+                    w = w.astype(np.float32) * sm[None, :]
+                    insert_before.update(_quantize_activation(writer, g, name, users, sm, amax, fmt, act))
                 new_nodes.append(_dequantize(writer, g, name, w, fmt, policy.int4_block, act, stats))
                 _rewire(users, tnode.output[0], name + "_dq")
             del w
@@ -249,7 +262,12 @@ def stream_weights(
                 progress(i + 1, len(params))
     finally:
         writer.close()
-    nodes = [replace_node.get(id(n), n) for n in g.node if id(n) not in drop]
+    nodes = []
+    for n in g.node:
+        if id(n) in drop:
+            continue
+        nodes += insert_before.get(id(n), [])
+        nodes.append(replace_node.get(id(n), n))
     del g.node[:]
     g.node.extend(new_nodes + nodes)
     if uses_ms and not any(o.domain == "com.microsoft" for o in model.opset_import):
@@ -291,6 +309,29 @@ def _dequantize(writer, g, name, w, fmt, block, act, stats) -> onnx.NodeProto:
     g.initializer.append(writer.array(name + "_scale", s.astype(act)))
     stats.add(fmt, qt.nbytes + s.size * act.itemsize)
     return helper.make_node("DequantizeLinear", [name + "_q", name + "_scale"], [name + "_dq"], axis=1)
+
+
+def _quantize_activation(writer, g, name, users, sm, amax, fmt, act) -> dict[int, list[onnx.NodeProto]]:
+    """x -> Mul(1/s) -> QuantizeLinear -> DequantizeLinear, static per-tensor scale; rewires the MatMuls."""
+    qmax = qz.FP8_MAX if fmt == "fp8" else 127.0
+    scale = np.array(max(float((amax / sm).max()) / qmax, 1e-12), dtype=act)
+    g.initializer.append(writer.array(name + "_smooth", (1.0 / sm).astype(act)))
+    g.initializer.append(writer.array(name + "_act_scale", scale))
+    zp = np.zeros((), qz.FP8 if fmt == "fp8" else np.int8)
+    g.initializer.append(writer.array(name + "_act_zp", zp))
+    out = {}
+    for i, u in enumerate(users):
+        x = u.input[0]
+        t = f"{name}_x{i}"
+        out[id(u)] = [
+            helper.make_node("Mul", [x, name + "_smooth"], [t + "_s"]),
+            helper.make_node("QuantizeLinear", [t + "_s", name + "_act_scale", name + "_act_zp"], [t + "_q"]),
+            helper.make_node(
+                "DequantizeLinear", [t + "_q", name + "_act_scale", name + "_act_zp"], [t + "_dq"]
+            ),
+        ]
+        u.input[0] = t + "_dq"
+    return out
 
 
 def save_model(model: onnx.ModelProto, path: Path) -> None:

@@ -262,6 +262,8 @@ def build_tensorrt(
     force: bool = False,
     quiet: bool = False,
     command: str = "",
+    act_quant: str | None = None,
+    calibration_prompts: int = 8,
 ) -> Path:
     """Export the ONNX (TensorRT form) into a temp folder, build one engine per component, rename."""
     if hardware_compat not in HARDWARE_COMPAT:
@@ -296,6 +298,8 @@ def build_tensorrt(
             components=components,
             quiet=quiet,
             attention_plugin=attention_plugin,
+            act_quant=act_quant,
+            calibration_prompts=calibration_prompts,
         )
         cfg = AuraFlowConfig(**data["transformer_config"])
         comps = data["components"]
