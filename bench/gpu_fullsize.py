@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from auraflow_edge.engine.model import AURAFLOW_V03, AuraFlowTransformer
 from auraflow_edge.engine.torch_quant import build_quantized_transformer
 
@@ -92,8 +93,9 @@ def stage_transformer(fmt: str, steps: int) -> tuple[float, list[float]]:
 
 
 def stage_vae(tiles: int) -> float:
-    from auraflow_edge.engine.vae_tiling import decode_tiled
     from diffusers import AutoencoderKL
+
+    from auraflow_edge.engine.vae_tiling import decode_tiled
 
     torch.cuda.reset_peak_memory_stats()
     with torch.device("meta"):

@@ -6,6 +6,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+
 from auraflow_edge.engine.checkpoint import _original_names, open_model
 from auraflow_edge.engine.errors import UserError
 from auraflow_edge.engine.safetensors_io import SafetensorsFile, save_file

@@ -7,9 +7,10 @@ import sys
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from auraflow_edge.engine.cli import main
 from auraflow_edge.engine.image import read_parameters
-from PIL import Image
 
 
 def run_cli(*args):

@@ -9,6 +9,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import GEN
+
 from auraflow_edge.engine.checkpoint import open_model
 from auraflow_edge.engine.errors import UserError
 from auraflow_edge.engine.manifest import Manifest
@@ -17,7 +19,6 @@ from auraflow_edge.engine.pipeline import Pipeline
 from auraflow_edge.engine.schedule import flow_match_schedule
 from auraflow_edge.engine.torch_backend import load_transformer
 from auraflow_edge.export.build import build_engine
-from conftest import GEN
 
 PRECISIONS = ["fp32", "fp16", "int8", "int8-nbits", "fp8", "int4"]
 

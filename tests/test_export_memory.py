@@ -5,9 +5,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "bench"))
 
+from export_memory import export_peak  # noqa: E402
+
 from auraflow_edge.engine.demo import write_random_transformer  # noqa: E402
 from auraflow_edge.engine.model_config import AuraFlowConfig  # noqa: E402
-from export_memory import export_peak  # noqa: E402
 
 
 def test_peak_rss_does_not_grow_with_model_size(tmp_path):

@@ -2,11 +2,12 @@
 
 import numpy as np
 import pytest
+from conftest import GEN
+
 from auraflow_edge.engine.errors import UserError
 from auraflow_edge.engine.pipeline import Pipeline
 from auraflow_edge.engine.planner import GiB, MiB, make_plan, parse_bytes
 from auraflow_edge.engine.vae_tiling import decode_tiled, tile_starts
-from conftest import GEN
 
 
 def local_decoder(z):

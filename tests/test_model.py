@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from auraflow_edge.engine.checkpoint import open_model
 from auraflow_edge.engine.errors import UserError
 from auraflow_edge.engine.model import AURAFLOW_V02, AURAFLOW_V03, AuraFlowTransformer, check_latent_size

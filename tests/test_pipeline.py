@@ -1,9 +1,10 @@
 """End to end on the torch backend against diffusers' AuraFlowPipeline (same noise)."""
 
 import numpy as np
+from conftest import GEN
+
 from auraflow_edge.engine.image import read_parameters, save_png
 from auraflow_edge.engine.pipeline import Pipeline, initial_noise
-from conftest import GEN
 
 
 def test_image_matches_reference_pipeline(tiny_dir, tiny_noise, reference_image, tmp_path):

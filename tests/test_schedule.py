@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+
 from auraflow_edge.engine.errors import UserError
 from auraflow_edge.engine.schedule import flow_match_schedule
 

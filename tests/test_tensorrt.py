@@ -6,6 +6,7 @@ import importlib.util
 import onnx
 import pytest
 import torch
+
 from auraflow_edge.engine.errors import UserError
 from auraflow_edge.engine.manifest import Manifest
 from auraflow_edge.engine.model import AURAFLOW_V02, AURAFLOW_V03

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+
 from auraflow_edge.engine.tokenizer import TextTokenizer
 
 PROMPTS = ["", "a photo of a cat", "Cyberpunk CITY, neon!! 123 ünïcödé", "word " * 400]

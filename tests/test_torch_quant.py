@@ -3,12 +3,13 @@
 import numpy as np
 import pytest
 import torch
+from conftest import GEN
+
 from auraflow_edge.engine.checkpoint import open_model
 from auraflow_edge.engine.modulation import ModulationTable
 from auraflow_edge.engine.pipeline import Pipeline
 from auraflow_edge.engine.torch_backend import load_transformer
 from auraflow_edge.engine.torch_quant import QuantizedLinear, _install_kernels, load_quantized_transformer
-from conftest import GEN
 
 
 def _inputs(mf):

@@ -34,7 +34,9 @@ def test_smoothing_balances_activation_and_weight_ranges():
 def test_calibration_covers_every_quantized_linear(calib):
     mf, stats = calib
     cfg = mf.transformer_cfg
-    assert len(stats) == 14 * cfg.num_mmdit_layers + 7 * cfg.num_single_dit_layers + 3  # + context, patch, proj_out
+    assert (
+        len(stats) == 14 * cfg.num_mmdit_layers + 7 * cfg.num_single_dit_layers + 3
+    )  # + context, patch, proj_out
     assert all(v.shape == (mf.weights.shape(k)[1],) and (v > 0).all() for k, v in stats.items())
 
 
@@ -48,8 +50,13 @@ def _w8a8_error(mf, stats, fmt, alpha, tmp_path):
     proto, rn = trace_transformer(cfg, 64, 96, "fp32")
     out = tmp_path / f"w8a8_{fmt}_{alpha}.onnx"
     pol = WeightPolicy(fmt, "fp32", keep=KEEP_FLOAT, act_quant=fmt, smooth_alpha=alpha)
-    stream_weights(proto, lambda n: mf.weights.read(rn(n)), pol, out.with_suffix(".onnx.data"),
-                   act_stats={"m." + k: v for k, v in stats.items()})
+    stream_weights(
+        proto,
+        lambda n: mf.weights.read(rn(n)),
+        pol,
+        out.with_suffix(".onnx.data"),
+        act_stats={"m." + k: v for k, v in stats.items()},
+    )
     save_model(proto, out)
     onnx.checker.check_model(str(out))
     so = ort.SessionOptions()
@@ -76,8 +83,17 @@ def test_smoothing_reduces_int8_error(calib, tmp_path):
 
 
 def test_tensorrt_form_export_with_act_quant(tiny_dir, tmp_path):
-    data = export_onnx_folder(str(tiny_dir), tmp_path, "tensorrt", "int8", 64, 96, quiet=True, act_quant="int8",
-                              calibration_prompts=2)
+    data = export_onnx_folder(
+        str(tiny_dir),
+        tmp_path,
+        "tensorrt",
+        "int8",
+        64,
+        96,
+        quiet=True,
+        act_quant="int8",
+        calibration_prompts=2,
+    )
     assert data["calibration"]["act_quant"] == "int8" and (tmp_path / "calibration.safetensors").exists()
     g = onnx.load(str(tmp_path / "transformer.onnx"), load_external_data=False).graph
     ops = [n.op_type for n in g.node]
