@@ -36,7 +36,9 @@ def build_tokenizer(folder: Path, vocab_size: int = 300) -> None:
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=False))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<unk>", "</s>", "<s>"])
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<pad>", "<unk>", "</s>", "<s>"], show_progress=False
+    )
     tok.train_from_iterator(_CORPUS * 4, trainer)
     fast = LlamaTokenizerFast(
         tokenizer_object=tok,
