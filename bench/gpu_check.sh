@@ -11,6 +11,10 @@ LOG="$OUT/gpu_check.log"
 {
   echo "== machine"; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  # The GPU machines reach no package index: carry wheels made here with
+  #   pip download --no-deps -d wheels diffusers transformers safetensors tokenizers huggingface-hub ml_dtypes onnx
+  # (the `carry` option of the device tool) and they are installed offline.
+  if [ -d wheels ]; then pip install -q --no-index --no-deps wheels/*.whl || true; fi
   pip install -q -e . --no-deps 2>/dev/null || true
   echo "== kernels: correctness and timings"
   timeout 240 python bench/gpu_kernels.py --json "$OUT/gpu_kernels.json"
