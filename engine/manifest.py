@@ -100,7 +100,29 @@ class Manifest:
             for key in ("file", "data", "dir"):
                 if key in comp:
                     m.path(comp[key])
+            if str(comp.get("file", "")).endswith(".onnx"):
+                check_external_data(folder, m.path(comp["file"]))
         return m
+
+
+def check_external_data(folder: Path, onnx_path: Path) -> None:
+    """Every external-data location named inside an ONNX graph must stay inside the engine folder
+    (a crafted graph could otherwise make the runtime read any file)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception as e:
+        raise UserError(
+            f"{onnx_path}: not a readable ONNX graph ({str(e)[:120]}); rebuild with --force"
+        ) from None
+    root = folder.resolve()
+    for loc in {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}:
+        p = (onnx_path.parent / loc).resolve()
+        if Path(loc).is_absolute() or (p != root and root not in p.parents):
+            raise UserError(
+                f"{onnx_path.name}: external data {loc!r} points outside the engine folder; refusing to load it"
+            )
 
 
 def write_manifest(folder: Path, data: dict) -> None:

@@ -185,6 +185,22 @@ def test_damaged_engines_are_refused(engines, tmp_path):
         Manifest.load(e)
 
 
+def test_external_data_outside_the_folder_is_refused(engines, tmp_path):
+    e = tmp_path / "e"
+    shutil.copytree(engines["fp32"], e)
+    g = onnx.load(str(e / "vae_decoder.onnx"), load_external_data=False)
+    for t in g.graph.initializer:
+        for kv in t.external_data:
+            if kv.key == "location":
+                kv.value = "../../etc/passwd"
+    (e / "vae_decoder.onnx").write_bytes(g.SerializeToString())
+    m = json.loads((e / "manifest.json").read_text())
+    m["files"]["vae_decoder.onnx"]["size"] = (e / "vae_decoder.onnx").stat().st_size
+    (e / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(UserError, match="outside the engine folder"):
+        Pipeline.load(e)
+
+
 def test_engine_refuses_other_sizes(engines):
     with pytest.raises(UserError, match="rebuild with --height 64 --width 64"):
         Pipeline.load(engines["int8"]).generate("x", steps=1, height=64, width=64)
