@@ -85,8 +85,21 @@ class WeightSource:
             yield n, self.read(n)
 
 
+_VARIANT = re.compile(r"\.(fp16|bf16|fp32)\.safetensors(\.index\.json)?$")
+
+
+def _prefer_plain(paths: list[Path]) -> list[Path]:
+    """Hub folders may hold variant copies (``*.fp16.safetensors``); use them only when alone."""
+    plain = [p for p in paths if not _VARIANT.search(p.name)]
+    return plain or paths
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    return _safetensors_files(folder)
+
+
 def _safetensors_files(folder: Path) -> list[Path]:
-    idx = sorted(folder.glob("*.safetensors.index.json"))
+    idx = _prefer_plain(sorted(folder.glob("*.safetensors.index.json")))
     if idx:
         wm = _read_json(idx[0]).get("weight_map", {})
         files = []
@@ -98,7 +111,11 @@ def _safetensors_files(folder: Path) -> list[Path]:
                 raise UserError(f"{folder}: shard {rel} listed in {idx[0].name} is missing")
             files.append(f)
         return files
-    files = sorted(folder.glob("*.safetensors"))
+    files = _prefer_plain(sorted(folder.glob("*.safetensors")))
+    if files and _VARIANT.search(files[0].name):
+        files = [
+            f for f in files if _VARIANT.search(f.name).group(1) == _VARIANT.search(files[0].name).group(1)
+        ]
     if not files:
         bins = list(folder.glob("*.bin")) + list(folder.glob("*.pt")) + list(folder.glob("*.ckpt"))
         hint = " (pickle checkpoints are never loaded; convert to safetensors)" if bins else ""

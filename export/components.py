@@ -135,8 +135,10 @@ class FolderReader:
     """Reads a component's safetensors by name (aliases for tied weights)."""
 
     def __init__(self, folder: Path, aliases: dict[str, str] | None = None):
+        from ..engine.checkpoint import safetensors_files
+
         self.index: dict[str, SafetensorsFile] = {}
-        for f in sorted(folder.glob("*.safetensors")):
+        for f in safetensors_files(folder):
             sf = SafetensorsFile(f)
             for k in sf.keys():
                 self.index[k] = sf

@@ -113,3 +113,17 @@ def test_unknown_model_type(tiny_dir, tmp_path):
     (d / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     with pytest.raises(UserError, match="unknown model type"):
         open_model(d)
+
+
+def test_variant_copies_are_not_mixed_in(tiny_dir, tmp_path):
+    """A hub folder can hold diffusion_pytorch_model.fp16.safetensors beside the full-precision file."""
+    d = tmp_path / "v"
+    shutil.copytree(tiny_dir, d)
+    src = SafetensorsFile(d / "transformer" / "diffusion_pytorch_model.safetensors")
+    save_file(
+        {k: np.zeros_like(src.read(k)).astype(np.float16) for k in src.keys()},
+        d / "transformer" / "diffusion_pytorch_model.fp16.safetensors",
+    )
+    mf = open_model(d)
+    w = mf.weights.read("proj_out.weight")
+    assert w.dtype == np.float32 and np.abs(w).max() > 0  # the plain file, not the zeroed variant

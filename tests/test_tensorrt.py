@@ -211,3 +211,30 @@ def test_tensorrt_build_and_generate(tiny_dir, tmp_path):  # pragma: no cover
     )
     img = Pipeline.load(e, backend="tensorrt")("a cat", steps=2, height=64, width=96)
     assert img.size == (96, 64)
+
+
+def test_generate_on_tensorrt_without_tensorrt_is_a_clear_error(tiny_dir, tmp_path, capsys):
+    if HAS_TRT:
+        pytest.skip("TensorRT is installed here")
+    from auraflow_edge.engine.cli import main
+    from auraflow_edge.export.build import build_engine
+
+    e = build_engine(str(tiny_dir), tmp_path / "e", precision="fp16", height=64, width=96, quiet=True)
+    rc = main(
+        [
+            "generate",
+            str(e),
+            "--backend",
+            "tensorrt",
+            "--prompt",
+            "x",
+            "--height",
+            "64",
+            "--width",
+            "96",
+            "-o",
+            str(tmp_path / "o.png"),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and "needs TensorRT" in err and not (tmp_path / "o.png").exists()
