@@ -19,6 +19,16 @@ from .stages import StageSet
 _NP = {"fp32": np.float32, "fp16": np.float16}
 
 
+def _run_options(device: str):
+    """On the CUDA provider, shrink the device arena after every run so the next stage has the memory."""
+    import onnxruntime as ort
+
+    ro = ort.RunOptions()
+    if device.startswith("cuda"):
+        ro.add_run_config_entry("memory.enable_memory_arena_shrinkage", "gpu:0")
+    return ro
+
+
 def _session(path, device: str, threads: int | None):
     import onnxruntime as ort
 
@@ -45,10 +55,10 @@ def _session(path, device: str, threads: int | None):
 
 class OrtTextEncoder:
     def __init__(self, path, device, threads):
-        self.s = _session(path, device, threads)
+        self.s, self.ro = _session(path, device, threads), _run_options(device)
 
     def __call__(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        return self.s.run(None, {"input_ids": ids, "attention_mask": mask})[0].astype(np.float32)
+        return self.s.run(None, {"input_ids": ids, "attention_mask": mask}, self.ro)[0].astype(np.float32)
 
     def close(self):
         self.s = None
@@ -56,7 +66,7 @@ class OrtTextEncoder:
 
 class OrtTransformer:
     def __init__(self, path, comp: dict, table: ModulationTable, device, threads):
-        self.s = _session(path, device, threads)
+        self.s, self.ro = _session(path, device, threads), _run_options(device)
         self.dtype = _NP[comp["dtype"]]
         self.table = table
         self.mod: np.ndarray | None = None
@@ -72,6 +82,7 @@ class OrtTransformer:
                 "context": context.astype(self.dtype),
                 "modulation": self.mod[step : step + 1],
             },
+            self.ro,
         )[0]
         return out.astype(np.float32)
 
@@ -81,11 +92,11 @@ class OrtTransformer:
 
 class OrtVAEDecoder:
     def __init__(self, path, comp: dict, device, threads):
-        self.s = _session(path, device, threads)
+        self.s, self.ro = _session(path, device, threads), _run_options(device)
         self.scaling = np.float32(comp["scaling_factor"])
 
     def decode_raw(self, z: np.ndarray) -> np.ndarray:
-        return self.s.run(None, {"latents": np.ascontiguousarray(z, dtype=np.float32)})[0]
+        return self.s.run(None, {"latents": np.ascontiguousarray(z, dtype=np.float32)}, self.ro)[0]
 
     def __call__(self, latents: np.ndarray, tiles: int = 1) -> np.ndarray:
         from .vae_tiling import decode_tiled
