@@ -34,7 +34,7 @@ def _record_steps(fn, record_at: set[int], store: dict, times: list):
             store[f"v{step}"] = v
         return v
 
-    call.prepare = getattr(fn, "prepare", None)
+    call.prepare, call.close = fn.prepare, fn.close
     return call
 
 
@@ -54,10 +54,7 @@ def worker_ours(spec: dict) -> dict:
     def _open(name, **shape):
         obj = real_open(name, **shape)
         if name == "transformer":
-            wrapped = _record_steps(obj, set(spec["record_steps"]), vel, times)
-            wrapped.prepare = obj.prepare
-            wrapped.close = obj.close
-            return wrapped
+            return _record_steps(obj, set(spec["record_steps"]), vel, times)
         return obj
 
     stages._open = _open

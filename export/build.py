@@ -194,18 +194,23 @@ def build_engine(
         if act_quant:
             data["build_key"] = build_key
         data["command"] = command
-        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-        data["files"] = {f: file_entry(tmp, f) for f in files}
-        write_manifest(tmp, data)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        finish_folder(tmp, out, data)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if not quiet:
         print(f"engine written to {out}", file=sys.stderr)
     return out
+
+
+def finish_folder(tmp: Path, out: Path, data: dict) -> None:
+    """Checksum every file of the assembled folder into its manifest, then move it into place."""
+    files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file() and p.name != MANIFEST)
+    data["files"] = {f: file_entry(tmp, f) for f in files}
+    write_manifest(tmp, data)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
 
 
 def _build_key(mf, backend, precision, pol, height, width, extra=None) -> str:

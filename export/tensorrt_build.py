@@ -9,7 +9,6 @@ operator check) is tested on the CPU.
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import sys
@@ -269,9 +268,9 @@ def build_tensorrt(
     if hardware_compat not in HARDWARE_COMPAT:
         raise UserError(f"--hardware-compat must be one of {', '.join(HARDWARE_COMPAT)}")
     trt = _require_tensorrt()  # before spending minutes on the export
-    from ..engine.manifest import MANIFEST, Manifest, file_entry, write_manifest
+    from ..engine.manifest import MANIFEST, Manifest
     from ..engine.planner import parse_bytes
-    from .build import export_onnx_folder
+    from .build import export_onnx_folder, finish_folder
 
     out = Path(out)
     shape_list = parse_shapes(shapes, height, width)
@@ -308,8 +307,6 @@ def build_tensorrt(
             if bad:
                 raise UserError(f"{name} graph has operators TensorRT cannot parse: {', '.join(bad)}")
         budget = parse_bytes(vram_budget) if vram_budget else None
-        from ..engine.planner import sizes_from_manifest  # noqa: F401  (sizes use the same estimates)
-
         act = 2 * (256 + 8 + (h0 // 16) * (w0 // 16)) * (8 * cfg.hidden + 3 * cfg.ff_hidden) * 2
         ws = weight_streaming_plan(comps["transformer"]["weight_bytes"], act, budget)
         workspace = min(budget // 4 if budget else 4 << 30, 4 << 30)
@@ -349,17 +346,8 @@ def build_tensorrt(
             }
         }
         data["command"] = command
-        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file() and p.name != MANIFEST)
-        data["files"] = {f: file_entry(tmp, f) for f in files}
-        write_manifest(tmp, {k: v for k, v in data.items() if k not in ("format", "version")})
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        finish_folder(tmp, out, data)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def describe_engines(manifest) -> str:
-    return json.dumps(manifest.get("engines", {}), indent=1)
