@@ -269,9 +269,10 @@ def run_bench(
 
 def _machine() -> str:
     import os
-    import platform
 
-    return f"{platform.machine()} CPU, {os.cpu_count()} cores"
+    from .ort_int8 import describe_cpu, int8_encoding
+
+    return f"{describe_cpu()}, {os.cpu_count()} cores; ONNX Runtime int8 weights: {int8_encoding()}"
 
 
 def _grid(workdir: Path, precisions, baselines, out: Path) -> None:

@@ -16,28 +16,25 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
-from .model_config import AuraFlowConfig
+from .model_config import AuraFlowConfig, default_image_side
 from .safetensors_io import SafetensorsFile
 
 PIPELINE_CLASS = "AuraFlowPipeline"
 TRANSFORMER_CLASS = "AuraFlowTransformer2DModel"
 
 
-def resolve_model(spec: str | Path) -> Path:
-    """A folder or file path as given, or a hub id already in the local Hugging Face cache."""
+def resolve_model(spec: str | Path, revision: str | None = None, progress: bool = True) -> Path:
+    """A folder or file path as given, or a hub id found in or downloaded into the Hugging Face cache
+    (only the files the pipeline needs; see ``hub.py``)."""
+    from .hub import is_hub_id, snapshot
+
+    if is_hub_id(spec):
+        return snapshot(str(spec), revision, progress=progress).folder
+    if revision is not None:
+        raise UserError(f"{spec}: --revision applies to hub ids (org/name), not to local paths")
     p = Path(spec)
     if p.exists():
         return p
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", str(spec)) and not str(spec).startswith((".", "/")):
-        try:
-            from huggingface_hub import snapshot_download
-
-            return Path(snapshot_download(str(spec), local_files_only=True))
-        except Exception:
-            raise UserError(
-                f"{spec}: not found as a path and not in the local Hugging Face cache; download it first "
-                f"(`hf download {spec}`) on a machine with internet, or pass a local folder"
-            ) from None
     raise UserError(f"{spec}: no such file or folder")
 
 
@@ -203,6 +200,8 @@ def original_transformer(path: Path, head_dim: int = 256) -> tuple[AuraFlowConfi
         caption_projection_dim=hidden,
         pos_embed_max_size=sf.shape(stored["positional_encoding"])[1],
         num_register_tokens=sf.shape(stored["register_tokens"])[1],
+        # a single file carries no config: the released checkpoints' sample sizes by grid
+        sample_size=128 if sf.shape(stored["positional_encoding"])[1] >= 9216 else 64,
     )
     src = WeightSource(files={str(path): sf})
     for dname, oname in _original_names(cfg.num_mmdit_layers, cfg.num_single_dit_layers).items():
@@ -232,6 +231,17 @@ class ModelFolder:
             raise UserError(f"{self.components}: missing component folder {name}/")
         return p
 
+    def vae_scale_factor(self) -> int:
+        """2 ** (VAE down blocks - 1), as diffusers computes it (8 for the SDXL VAE)."""
+        p = self.components / "vae" / "config.json" if self.components else None
+        if p is None or not p.exists():
+            return 8
+        return 2 ** (len(_read_json(p).get("block_out_channels", [0, 0, 0, 0])) - 1)
+
+    def default_size(self) -> tuple[int, int]:
+        side = default_image_side(self.transformer_cfg, self.vae_scale_factor())
+        return side, side
+
     def scheduler_shift(self) -> float:
         if self.components is None:
             return 1.73
@@ -239,8 +249,14 @@ class ModelFolder:
         return float(_read_json(p).get("shift", 1.73)) if p.exists() else 1.73
 
 
-def open_model(spec: str | Path, components: str | Path | None = None, head_dim: int = 256) -> ModelFolder:
-    root = resolve_model(spec)
+def open_model(
+    spec: str | Path,
+    components: str | Path | None = None,
+    head_dim: int = 256,
+    revision: str | None = None,
+    progress: bool = True,
+) -> ModelFolder:
+    root = resolve_model(spec, revision, progress)
     comp = Path(components) if components else None
     if root.is_file():
         if root.suffix != ".safetensors":

@@ -1,4 +1,4 @@
-"""CLI subcommands for engine folders: build, inspect."""
+"""CLI subcommands for engine folders: build, inspect, refit."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ def cmd_build(args) -> int:
         ort_int8=args.ort_int8,
         act_quant=args.act_quant,
         calibration_prompts=args.calibration_prompts,
+        loras=_loras(args),
         components=args.components,
         force=args.force,
         quiet=args.quiet,
@@ -27,6 +28,26 @@ def cmd_build(args) -> int:
         **_trt_options(args),
     )
     print(out)
+    return 0
+
+
+def _loras(args) -> list[tuple[str, float]]:
+    from .lora import parse_lora_arg
+
+    return [parse_lora_arg(x) for x in args.lora or []]
+
+
+def cmd_refit(args) -> int:
+    from ..export.tensorrt_refit import refit_engine
+
+    refit_engine(
+        args.engine,
+        _loras(args),
+        model=args.model,
+        components=args.components,
+        quiet=args.quiet,
+        command="auraflow-edge " + shlex.join(sys.argv[1:]),
+    )
     return 0
 
 
@@ -38,6 +59,7 @@ def _trt_options(args) -> dict:
         dynamic_shapes=args.dynamic_shapes,
         hardware_compat=args.hardware_compat,
         attention_plugin=args.attention_plugin,
+        refittable=args.refittable,
     )
     if args.backend != "tensorrt":
         given = [k for k, v in opts.items() if v not in (None, False, "none")]
@@ -95,13 +117,23 @@ def cmd_inspect(args) -> int:
 def add_commands(sub) -> None:
     common = sub.common
     b = sub.add_parser("build", help="export a model to an engine folder", parents=[common])
-    b.add_argument("model")
-    b.add_argument("-o", "--output", required=True)
-    b.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
+    b.add_argument("model", help="diffusers folder, single .safetensors file or hub id")
+    b.add_argument("-o", "--output", required=True, help="engine folder to write")
+    b.add_argument(
+        "--backend",
+        default="onnxruntime",
+        choices=["onnxruntime", "tensorrt"],
+        help="runtime the engine is for",
+    )
     b.add_argument("--precision", default="int8", help="fp32 | fp16 | bf16 | fp8 | int8 | int4")
-    b.add_argument("--height", type=int, default=1024)
-    b.add_argument("--width", type=int, default=1024)
-    b.add_argument("--int4-block", type=int, default=64)
+    b.add_argument(
+        "--height",
+        type=int,
+        help="TensorRT profile / calibration size in pixels (default: the model's own size); "
+        "ONNX Runtime engines serve every size",
+    )
+    b.add_argument("--width", type=int, help="as --height")
+    b.add_argument("--int4-block", type=int, default=64, help="input channels per int4 scale")
     b.add_argument(
         "--ort-int8",
         default="dynamic",
@@ -110,6 +142,12 @@ def add_commands(sub) -> None:
     )
     b.add_argument("--components", help="pipeline folder with text_encoder/vae/tokenizer for a single file")
     b.add_argument("--force", action="store_true", help="replace an existing engine folder")
+    b.add_argument(
+        "--lora",
+        action="append",
+        metavar="FILE[:SCALE]",
+        help="merge a LoRA into the weights before quantization; repeatable; scale default 1",
+    )
     b.add_argument(
         "--act-quant",
         choices=["int8", "fp8"],
@@ -127,13 +165,32 @@ def add_commands(sub) -> None:
     t.add_argument(
         "--dynamic-shapes", action="store_true", help="one dynamic profile (256 px to the model's max)"
     )
-    t.add_argument("--hardware-compat", default="none", choices=["none", "ampere+", "same-cc"])
+    t.add_argument(
+        "--hardware-compat",
+        default="none",
+        choices=["none", "ampere+", "same-cc"],
+        help="engines that run on other GPUs too (ampere+ caps kernels at 48 KiB shared memory)",
+    )
     t.add_argument(
         "--attention-plugin", action="store_true", help="fused qk-norm attention as a TensorRT plugin"
     )
+    t.add_argument(
+        "--refittable",
+        action="store_true",
+        help="transformer weights swappable later by `auraflow-edge refit`",
+    )
     b.set_defaults(fn=cmd_build)
 
+    r = sub.add_parser(
+        "refit", help="swap the LoRAs of a --refittable TensorRT engine folder, no rebuild", parents=[common]
+    )
+    r.add_argument("engine", help="TensorRT engine folder built with --refittable")
+    r.add_argument("--lora", action="append", metavar="FILE[:SCALE]", help="repeatable; none: the base model")
+    r.add_argument("--model", help="the base model the engine was built from (default: as the manifest says)")
+    r.add_argument("--components", help="pipeline folder with text_encoder/vae/tokenizer for a single file")
+    r.set_defaults(fn=cmd_refit)
+
     i = sub.add_parser("inspect", help="print an engine folder's manifest", parents=[common])
-    i.add_argument("engine")
+    i.add_argument("engine", help="engine folder")
     i.add_argument("--verify", action="store_true", help="check every file's sha256")
     i.set_defaults(fn=cmd_inspect)

@@ -46,13 +46,17 @@ class PatchEmbed(nn.Module):
         grid = self.pos_embed[:, : g * g].reshape(1, g, g, -1)
         return grid[:, r0 : r0 + hp, c0 : c0 + wp].reshape(1, hp * wp, -1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
+        """``pos``: the crop of the positional grid computed outside, (1, H/p, W/p, D) (the exported
+        graph takes it as an input, so it has no image size baked in)."""
         b, c, h, w = x.shape
         p = self.cfg.patch_size
         # (B, C, H, W) -> (B, H/p * W/p, C*p*p), patch vector ordered (c, py, px)
         x = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
         x = x.reshape(b, (h // p) * (w // p), c * p * p)
-        return self.proj(x) + self.pos_crop(h, w)
+        if pos is None:
+            return self.proj(x) + self.pos_crop(h, w)
+        return self.proj(x) + pos.reshape(1, (h // p) * (w // p), -1).to(x.dtype)
 
 
 class TimestepProj(nn.Module):
@@ -222,14 +226,16 @@ class AuraFlowTransformer(nn.Module):
         context: torch.Tensor,
         timestep: torch.Tensor | None = None,
         modulation: torch.Tensor | None = None,
+        pos: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """latents (B, C, H, W), context (B, L, joint_dim), timestep (B,) or modulation (1|B, M, D)."""
+        """latents (B, C, H, W), context (B, L, joint_dim), timestep (B,) or modulation (1|B, M, D);
+        ``pos`` (1, H/p, W/p, D) replaces the built-in positional crop."""
         cfg = self.cfg
         b, _, h, w = latents.shape
         if modulation is None:
             modulation = self.compute_modulation(timestep)
         modulation = modulation.to(self.proj_out.weight.dtype)
-        x = self.pos_embed(latents)  # (B, N_img, D)
+        x = self.pos_embed(latents, pos)  # (B, N_img, D)
         ctx = self.context_embedder(context)
         ctx = torch.cat([self.register_tokens.to(ctx.dtype).expand(b, -1, -1), ctx], dim=1)
         r = 0

@@ -22,6 +22,9 @@ class AuraFlowConfig:
     num_register_tokens: int = 8
     timestep_channels: int = 256
     eps: float = 1e-5
+    # latent side the checkpoint was trained at (diffusers' default image side is this x the VAE
+    # scale factor: 128 x 8 = 1024 px for v0.3)
+    sample_size: int = 64
 
     @property
     def hidden(self) -> int:
@@ -62,8 +65,14 @@ class AuraFlowConfig:
 
 AURAFLOW_V02 = AuraFlowConfig(pos_embed_max_size=4096)
 AURAFLOW_V01 = AURAFLOW_V02
-AURAFLOW_V03 = AuraFlowConfig(pos_embed_max_size=9216)
+AURAFLOW_V03 = AuraFlowConfig(pos_embed_max_size=9216, sample_size=128)
 PRESETS = {"v0.1": AURAFLOW_V01, "v0.2": AURAFLOW_V02, "v0.3": AURAFLOW_V03}
+
+
+def default_image_side(cfg: AuraFlowConfig, vae_scale_factor: int = 8) -> int:
+    """diffusers' AuraFlowPipeline default: ``transformer.config.sample_size * vae_scale_factor``,
+    kept inside the positional grid."""
+    return min(cfg.sample_size * vae_scale_factor, cfg.max_pixels_side)
 
 
 def check_latent_size(cfg: AuraFlowConfig, h_lat: int, w_lat: int) -> None:

@@ -64,6 +64,13 @@ class ModulationTable:
         self.read = read if read is not None else SafetensorsFile(path).read
         self._cache: dict[bytes, np.ndarray] = {}
 
+    def reset(self, read, clear: bool = True) -> None:
+        """Read the weights through ``read`` from now on (e.g. with a LoRA merged in); ``clear``
+        drops the cached tables, which were evaluated from the previous weights."""
+        self.read = read
+        if clear:
+            self._cache.clear()
+
     def _w(self, name: str) -> np.ndarray:
         return self.read(name).astype(np.float32)
 

@@ -6,6 +6,8 @@ back when a stage ends. Quantized weights stay packed (MatMulNBits) in the sessi
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from .errors import UserError
@@ -13,6 +15,8 @@ from .image import to_uint8
 from .manifest import Manifest
 from .model_config import AuraFlowConfig
 from .modulation import ModulationTable
+from .ort_int8 import ENCODINGS, int8_encoding, reencode_u8
+from .positions import PositionTable
 from .schedule import Schedule
 from .stages import StageSet
 
@@ -29,7 +33,9 @@ def _run_options(device: str):
     return ro
 
 
-def _session(path, device: str, threads: int | None):
+def _session(path, device: str, threads: int | None, int8_weights: str = "s8"):
+    """``int8_weights``: "u8" re-encodes int8 DynamicQuantizeMatMul weights for CPUs whose MLAS
+    kernel would saturate on s8 (see ort_int8)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -46,7 +52,20 @@ def _session(path, device: str, threads: int | None):
             )
         providers = [("CUDAExecutionProvider", {"arena_extend_strategy": "kSameAsRequested"}), *providers]
     try:
-        return ort.InferenceSession(str(path), so, providers=providers)
+        recoded = reencode_u8(Path(path)) if int8_weights == "u8" else None
+        if recoded is None:
+            return ort.InferenceSession(str(path), so, providers=providers)
+        graph, arrays = recoded
+        so.add_session_config_entry(
+            "session.model_external_initializers_file_folder_path", str(Path(path).parent)
+        )
+        keep = []  # the session reads these buffers in place: they live as long as it does
+        for name, a in arrays.items():
+            keep.append(ort.OrtValue.ortvalue_from_numpy(a))
+            so.add_initializer(name, keep[-1])
+        sess = ort.InferenceSession(graph, so, providers=providers)
+        sess._afe_buffers = (keep, arrays)
+        return sess
     except Exception as e:
         raise UserError(
             f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:200]}); rebuild with --force"
@@ -54,8 +73,8 @@ def _session(path, device: str, threads: int | None):
 
 
 class OrtTextEncoder:
-    def __init__(self, path, device, threads):
-        self.s, self.ro = _session(path, device, threads), _run_options(device)
+    def __init__(self, path, device, threads, int8_weights="s8"):
+        self.s, self.ro = _session(path, device, threads, int8_weights), _run_options(device)
 
     def __call__(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         return self.s.run(None, {"input_ids": ids, "attention_mask": mask}, self.ro)[0].astype(np.float32)
@@ -65,26 +84,27 @@ class OrtTextEncoder:
 
 
 class OrtTransformer:
-    def __init__(self, path, comp: dict, table: ModulationTable, device, threads):
-        self.s, self.ro = _session(path, device, threads), _run_options(device)
+    def __init__(
+        self, path, comp: dict, table: ModulationTable, positions, device, threads, int8_weights="s8"
+    ):
+        self.s, self.ro = _session(path, device, threads, int8_weights), _run_options(device)
         self.dtype = _NP[comp["dtype"]]
         self.table = table
+        self.positions = positions  # None: an engine built before sizes were dynamic
         self.mod: np.ndarray | None = None
 
     def prepare(self, schedule: Schedule) -> None:
         self.mod = self.table(schedule.timesteps).astype(self.dtype)
 
     def __call__(self, latents: np.ndarray, context: np.ndarray, step: int) -> np.ndarray:
-        out = self.s.run(
-            None,
-            {
-                "latents": latents.astype(self.dtype),
-                "context": context.astype(self.dtype),
-                "modulation": self.mod[step : step + 1],
-            },
-            self.ro,
-        )[0]
-        return out.astype(np.float32)
+        feed = {
+            "latents": latents.astype(self.dtype),
+            "context": context.astype(self.dtype),
+            "modulation": self.mod[step : step + 1],
+        }
+        if self.positions is not None:
+            feed["pos"] = self.positions(*latents.shape[2:]).astype(self.dtype)
+        return self.s.run(None, feed, self.ro)[0].astype(np.float32)
 
     def close(self):
         self.s = None
@@ -115,21 +135,36 @@ class OrtStages(StageSet):
         threads: int | None = None,
         verify: bool = False,
         keep_resident: bool = False,
+        int8_weights: str = "auto",
         **_ignored,
     ):
         super().__init__()
+        if int8_weights not in ENCODINGS:
+            raise UserError(f"int8 weight encoding {int8_weights!r}: choose from {', '.join(ENCODINGS)}")
+        # resolved once for this CPU; engines store s8, see ort_int8 for why and where u8 is needed
+        self.int8_weights = int8_encoding() if int8_weights == "auto" else int8_weights
         self.m = Manifest.load(folder, verify=verify)
         if self.m["backend"] != "onnxruntime":
             raise UserError(f"{folder}: engine was built for {self.m['backend']}, not onnxruntime")
+        if device == "auto":  # the CUDA provider where onnxruntime-gpu has it, else the CPU
+            import onnxruntime as ort
+
+            device = "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
         self.device, self.threads, self.keep_resident = device, threads, keep_resident
         self.cfg = AuraFlowConfig(**self.m["transformer_config"])
         self.shift = float(self.m["scheduler"]["shift"])
         self.tokenizer_dir = self.m.path(self.m.component("tokenizer")["dir"])
         self.table = ModulationTable(self.cfg, self.m.path(self.m.component("modulation")["file"]))
+        pos = self.m["components"].get("positions")
+        self.positions = PositionTable(self.cfg, self.m.path(pos["file"])) if pos else None
+
+    def default_size(self) -> tuple[int, int]:
+        c = self.m.component("transformer")
+        return tuple(self.m.get("default_size") or (c.get("height", 1024), c.get("width", 1024)))
 
     def check_shape(self, height: int, width: int) -> None:
         c = self.m.component("transformer")
-        if (height, width) != (c["height"], c["width"]):
+        if self.positions is None and (height, width) != (c["height"], c["width"]):
             raise UserError(
                 f"engine {self.m.folder} was built for {c['width']}x{c['height']}; rebuild with "
                 f"--height {height} --width {width} for this size"
@@ -138,10 +173,18 @@ class OrtStages(StageSet):
     def _open(self, name: str, **shape):
         if name == "text_encoder":
             c = self.m.component("text_encoder")
-            return OrtTextEncoder(self.m.path(c["file"]), self.device, self.threads)
+            return OrtTextEncoder(self.m.path(c["file"]), self.device, self.threads, self.int8_weights)
         if name == "transformer":
             c = self.m.component("transformer")
-            return OrtTransformer(self.m.path(c["file"]), c, self.table, self.device, self.threads)
+            return OrtTransformer(
+                self.m.path(c["file"]),
+                c,
+                self.table,
+                self.positions,
+                self.device,
+                self.threads,
+                self.int8_weights,
+            )
         c = self.m.component("vae_decoder")
         return OrtVAEDecoder(self.m.path(c["file"]), c, self.device, self.threads)
 
@@ -156,4 +199,7 @@ class OrtStages(StageSet):
         return available_ram() + current_rss(), current_rss()
 
     def describe(self) -> dict:
-        return {"precision": self.m["precision"], "device": self.device, "engine": str(self.m.folder)}
+        d = {"precision": self.m["precision"], "device": self.device, "engine": str(self.m.folder)}
+        if self.m["precision"] == "int8":
+            d["int8_weights"] = self.int8_weights
+        return d

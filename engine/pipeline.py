@@ -1,6 +1,6 @@
 """Text-to-image pipeline: tokenize, encode, denoise, decode; one stage resident at a time.
 
-``Pipeline.load(path)`` accepts a diffusers AuraFlow folder / single file / cached hub id (torch
+``Pipeline.load(path)`` accepts a diffusers AuraFlow folder / single file / hub id (torch
 backend) or an engine folder built by ``auraflow-edge build`` (ONNX Runtime backend, no torch).
 """
 
@@ -82,13 +82,19 @@ class Pipeline:
         cls,
         path: str | Path,
         backend: str = "auto",
-        precision: str = "fp32",
-        device: str = "cpu",
+        precision: str = "auto",
+        device: str = "auto",
         components: str | Path | None = None,
+        loras=None,
+        revision: str | None = None,
+        progress: bool = True,
         **backend_options,
     ) -> Pipeline:
         if backend not in BACKENDS:
             raise UserError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS[1:])}")
+        from .checkpoint import resolve_model
+
+        path = resolve_model(path, revision, progress)  # a hub id: found in or fetched into the HF cache
         p = Path(path)
         is_engine = (p / "manifest.json").is_file()
         if backend == "auto":
@@ -98,6 +104,11 @@ class Pipeline:
                 raise UserError(
                     f"{path}: the {backend} backend runs an engine folder; build one with "
                     f"`auraflow-edge build {path} -o ENGINE_DIR --backend {backend}`"
+                )
+            if loras:
+                raise UserError(
+                    f"{path}: an engine folder has its LoRAs merged at build time; build it with "
+                    "`auraflow-edge build MODEL ... --lora FILE[:SCALE]` (TensorRT: `auraflow-edge refit`)"
                 )
             if backend == "onnxruntime":
                 from .ort_backend import OrtStages
@@ -114,28 +125,57 @@ class Pipeline:
         from .torch_backend import TorchStages
 
         stages = TorchStages(
-            path, precision=precision, device=device, components=components, **backend_options
+            path, precision=precision, device=device, components=components, loras=loras, **backend_options
         )
         tok = TextTokenizer(stages.mf.component("tokenizer"))
         return cls(stages, tok, stages.mf.transformer_cfg, stages.mf.scheduler_shift(), stages.describe())
 
+    def set_loras(self, loras) -> None:
+        """Switch LoRAs ([(file, scale)]; [] removes them) without reloading the base weights (torch)."""
+        if not hasattr(self.stages, "set_loras"):
+            raise UserError("LoRAs switch at run time on the torch backend only; engines merge them at build")
+        self.stages.set_loras(loras)
+        self.info = {k: v for k, v in self.info.items() if k != "loras"} | self.stages.describe()
+
     def __call__(self, prompt: str, **kw):
         return self.generate(prompt, **kw).image
 
-    def generate(
+    def default_size(self) -> tuple[int, int]:
+        """The checkpoint's own image size, as diffusers picks it (sample_size x VAE scale factor)."""
+        return tuple(self.stages.default_size())
+
+    def generate(self, prompt: str, **kw) -> Result:
+        """One image; the keywords of ``generate_many`` (a ``noise`` array or .npy path allowed)."""
+        return self.generate_many([prompt], **kw)[0]
+
+    def generate_many(
         self,
-        prompt: str,
+        prompts: str | list[str],
         negative_prompt: str = "",
         steps: int = 50,
         guidance: float = 3.5,
         seed: int = 0,
-        height: int = 1024,
-        width: int = 1024,
+        height: int | None = None,
+        width: int | None = None,
         noise: np.ndarray | str | Path | None = None,
         progress: bool | Callable[[int, int], None] = False,
         vram_budget: int | str | None = None,
         vae_tiles: int | None = None,
-    ) -> Result:
+        num_images: int = 1,
+    ) -> list[Result]:
+        """``num_images`` per prompt, seeds ``seed, seed + 1, ...`` in order. Each stage runs for
+        every image before the next loads: the text encoder once for all prompts, the transformer
+        over all latents, then the VAE."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise UserError("no prompt given")
+        if not isinstance(num_images, int) or num_images < 1:
+            raise UserError(f"number of images must be an integer >= 1, got {num_images!r}")
+        jobs = [p for p in prompts for _ in range(num_images)]
+        if noise is not None and len(jobs) > 1:
+            raise UserError("--noise sets the latents of one image; use --seed for several")
+        dh, dw = self.default_size()
+        height, width = height or dh, width or dw
         check_size(height, width)
         check_latent_size(self.cfg, height // 8, width // 8)
         if hasattr(self.stages, "check_shape"):
@@ -145,50 +185,56 @@ class Pipeline:
         if not math.isfinite(guidance):
             raise UserError(f"guidance must be a finite number, got {guidance}")
         if noise is None:
-            latents = initial_noise(seed, height, width)
+            latents = [initial_noise(seed + i, height, width) for i in range(len(jobs))]
         elif isinstance(noise, (str, Path)):
-            latents = load_noise(noise, height, width)
+            latents = [load_noise(noise, height, width)]
         else:
-            latents = np.asarray(noise, dtype=np.float32)
+            latents = [np.asarray(noise, dtype=np.float32)]
         schedule = flow_match_schedule(steps, self.shift)
         cfg_on = guidance > 1.0  # as diffusers: no unconditional pass at guidance <= 1
         plan = self.plan(height, width, vram_budget, batch=2 if cfg_on else 1, vae_tiles=vae_tiles)
-        tiles = plan.vae_tiles
         reports = []
 
         t0 = time.perf_counter()
         with self.stages.stage("text_encoder") as enc:
-            ctx = enc(*self.tokenizer(prompt))
-            uctx = enc(*self.tokenizer(negative_prompt or "")) if cfg_on else None
+            texts = list(dict.fromkeys(jobs + ([negative_prompt or ""] if cfg_on else [])))
+            ctx = {t: enc(*self.tokenizer(t)) for t in texts}
         reports.append(StageReport("text_encoder", time.perf_counter() - t0, self.stages.last_peak))
 
         from .sampler import denoise
 
-        cb = progress if callable(progress) else (_bar(steps) if progress else None)
+        total = steps * len(jobs)
+        cb = progress if callable(progress) else (_bar(total) if progress else None)
         t0 = time.perf_counter()
         with self.stages.stage("transformer", height=height, width=width, batch=2 if cfg_on else 1) as tr:
             tr.prepare(schedule)
-            latents = denoise(tr, latents, ctx, schedule, guidance, uctx, progress=cb)
+            for i, p in enumerate(jobs):
+                step_cb = None if cb is None else (lambda k, n, i=i: cb(i * steps + k, total))
+                uctx = ctx[negative_prompt or ""] if cfg_on else None
+                latents[i] = denoise(tr, latents[i], ctx[p], schedule, guidance, uctx, progress=step_cb)
         if cb is not None and hasattr(cb, "close"):
             cb.close()
         reports.append(StageReport("transformer", time.perf_counter() - t0, self.stages.last_peak))
 
         t0 = time.perf_counter()
         with self.stages.stage("vae", height=height, width=width) as vae:
-            pixels = vae(latents, tiles=tiles)
+            pixels = [vae(x, tiles=plan.vae_tiles) for x in latents]
         reports.append(StageReport("vae", time.perf_counter() - t0, self.stages.last_peak))
-        params = {
-            "prompt": prompt,
-            "negative_prompt": negative_prompt,
-            "steps": steps,
-            "guidance": guidance,
-            "seed": None if noise is not None else seed,
-            "height": height,
-            "width": width,
-            "shift": self.shift,
-            **self.info,
-        }
-        return Result(to_pil(pixels[0]), latents, params, reports, plan)
+        out = []
+        for i, p in enumerate(jobs):
+            params = {
+                "prompt": p,
+                "negative_prompt": negative_prompt,
+                "steps": steps,
+                "guidance": guidance,
+                "seed": None if noise is not None else seed + i,
+                "height": height,
+                "width": width,
+                "shift": self.shift,
+                **self.info,
+            }
+            out.append(Result(to_pil(pixels[i][0]), latents[i], params, reports, plan))
+        return out
 
     def plan(self, height: int, width: int, vram_budget=None, batch: int = 2, vae_tiles: int | None = None):
         """The stage memory plan, before anything is loaded (refuses, with options, when nothing fits)."""

@@ -273,3 +273,21 @@ def sizes_from_model(mf, precision: str, device: str) -> ModelSizes:
 def _stored_bytes(cfg: dict) -> int:
     dt = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32")
     return 2 if ("16" in dt) else 4
+
+
+def auto_precision(
+    mf, device: str, budget: int, height: int, width: int, capability: tuple[int, int] | None
+) -> tuple[str, str]:
+    """``--precision auto`` on the torch backend: bf16 when its plan fits the budget, else fp8 on
+    sm_89+ (Ada, Hopper) or int8 before; fp32 on the CPU (the quantized kernels are GPU kernels).
+    -> (precision, one line saying why)."""
+    if not device.startswith("cuda"):
+        return "fp32", "precision auto: fp32 on the CPU"
+    quant = "fp8" if capability is not None and capability >= (8, 9) else "int8"
+    for p in ("bf16", quant):
+        try:
+            plan = make_plan(sizes_from_model(mf, p, "cuda"), height, width, budget)
+        except UserError:
+            continue
+        return p, f"precision auto: {p} (planned peak {fmt_bytes(plan.peak)} of {fmt_bytes(budget)})"
+    return quant, f"precision auto: {quant} (nothing fits {fmt_bytes(budget)}; the smallest is tried)"

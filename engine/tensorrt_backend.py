@@ -16,6 +16,7 @@ from .image import to_uint8
 from .manifest import Manifest
 from .model_config import AuraFlowConfig
 from .modulation import ModulationTable
+from .positions import PositionTable
 from .stages import StageSet
 
 
@@ -88,7 +89,17 @@ class _Cuda:  # pragma: no cover - needs a GPU
         self.check(self.rt.cudaStreamSynchronize(self.stream))
 
 
-_NP = {"FLOAT": np.float32, "HALF": np.float16, "INT64": np.int64, "INT32": np.int32, "BF16": None}
+def numpy_dtype(trt, dtype) -> np.dtype:
+    """The numpy dtype of a TensorRT tensor type: ``trt.nptype``, except bf16, which numpy lacks
+    (``trt.nptype`` refuses it) and ml_dtypes provides, so a bf16 engine's output is read as bf16."""
+    if dtype == trt.DataType.BF16:
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    try:
+        return np.dtype(trt.nptype(dtype))
+    except TypeError:
+        raise UserError(f"TensorRT tensor type {dtype} has no numpy equivalent here") from None
 
 
 class TrtEngine:  # pragma: no cover - needs TensorRT and a GPU
@@ -136,8 +147,7 @@ class TrtEngine:  # pragma: no cover - needs TensorRT and a GPU
             self.cuda.h2d(ptr, arr)
             self.ctx.set_tensor_address(name, ptr)
         shape = tuple(self.ctx.get_tensor_shape(output))
-        dtype = np.float16 if self.engine.get_tensor_dtype(output) == self.trt.DataType.HALF else np.float32
-        out = np.empty(shape, dtype)
+        out = np.empty(shape, numpy_dtype(self.trt, self.engine.get_tensor_dtype(output)))
         optr = self._ensure(output, out.nbytes)
         self.ctx.set_tensor_address(output, optr)
         if self.cuda_graph:
@@ -198,6 +208,7 @@ class TensorRTStages(StageSet):  # pragma: no cover - needs TensorRT and a GPU
         self.shift = float(self.m["scheduler"]["shift"])
         self.tokenizer_dir = self.m.path(self.m.component("tokenizer")["dir"])
         self.table = ModulationTable(self.cfg, self.m.path(self.m.component("modulation")["file"]))
+        self.positions = PositionTable(self.cfg, self.m.path(self.m.component("positions")["file"]))
         self.cuda = _Cuda()
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.vram_budget, self.cuda_graph, self.keep_resident = vram_budget, cuda_graph, keep_resident
@@ -222,7 +233,7 @@ class TensorRTStages(StageSet):  # pragma: no cover - needs TensorRT and a GPU
 
                 budget = min(budget, parse_bytes(self.vram_budget))
             eng = self._engine("transformer", streaming_budget=budget, cuda_graph=self.cuda_graph)
-            return _TrtTransformer(eng, self.table, self.m.component("transformer")["dtype"])
+            return _TrtTransformer(eng, self.table, self.positions, self.m.component("transformer")["dtype"])
         eng = self._engine("vae_decoder")
         scaling = np.float32(self.m.component("vae_decoder")["scaling_factor"])
 
@@ -236,6 +247,9 @@ class TensorRTStages(StageSet):  # pragma: no cover - needs TensorRT and a GPU
             )
 
         return _Callable(decode, eng)
+
+    def default_size(self) -> tuple[int, int]:
+        return tuple(self.m.get("default_size") or self.entry["shapes"][0])
 
     def describe(self) -> dict:
         return {"precision": self.m["precision"], "engine": str(self.m.folder), "engine_key": self.key}
@@ -264,8 +278,8 @@ class _Callable:
 
 
 class _TrtTransformer:  # pragma: no cover - needs TensorRT and a GPU
-    def __init__(self, engine, table, dtype: str):
-        self.engine, self.table = engine, table
+    def __init__(self, engine, table, positions, dtype: str):
+        self.engine, self.table, self.positions = engine, table, positions
         import ml_dtypes
 
         self.dtype = {"fp16": np.float16, "bf16": ml_dtypes.bfloat16}.get(dtype, np.float32)
@@ -280,6 +294,7 @@ class _TrtTransformer:  # pragma: no cover - needs TensorRT and a GPU
                 "latents": latents.astype(self.dtype),
                 "context": context.astype(self.dtype),
                 "modulation": self.mod[step : step + 1],
+                "pos": self.positions(*latents.shape[2:]).astype(self.dtype),
             },
             "velocity",
         )

@@ -160,16 +160,51 @@ class TorchVAEDecoder:
 
 class TorchStages(StageSet):
     def __init__(
-        self, path, precision: str = "fp32", device: str = "cpu", components=None, keep_resident=False
+        self,
+        path,
+        precision: str = "fp32",
+        device: str = "cpu",
+        components=None,
+        keep_resident=False,
+        loras=None,
+        vram_budget=None,
     ):
         super().__init__()
-        if precision not in DTYPES and precision not in ("int8", "fp8", "int4"):
-            raise UserError(f"unknown precision {precision!r}; choose fp32, bf16, fp16, int8, fp8 or int4")
+        if precision not in DTYPES and precision not in ("int8", "fp8", "int4", "auto"):
+            raise UserError(
+                f"unknown precision {precision!r}; choose auto, fp32, bf16, fp16, int8, fp8 or int4"
+            )
         self.mf = open_model(path, components)
-        self.precision, self.device_name = precision, device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device_name = device
         self.device = torch_device(device)
+        self.auto_reason = None
+        if precision == "auto":
+            precision, self.auto_reason = self._auto_precision(vram_budget)
+        self.precision = precision
         self.keep_resident = keep_resident
         self._validate()
+        self.set_loras(loras)
+
+    def set_loras(self, loras) -> None:
+        """[(file, scale)]: read and checked now; a resident transformer switches in place (its
+        base weights are neither re-read nor re-quantized), otherwise it gets them when opened."""
+        from .lora import attach, load_loras
+
+        self.loras = load_loras(loras, self.mf)
+        if "transformer" in self._resident:
+            attach(self._resident["transformer"], self.loras, self.mf.weights.read)
+
+    def _auto_precision(self, vram_budget) -> tuple[str, str]:
+        from .planner import auto_precision, parse_bytes
+
+        cap = budget = None
+        if self.device.type == "cuda":
+            cap = torch.cuda.get_device_capability(self.device)
+            budget = parse_bytes(vram_budget) if vram_budget else torch.cuda.mem_get_info(self.device)[0]
+        h, w = self.mf.default_size()
+        return auto_precision(self.mf, self.device.type, budget, h, w, cap)
 
     def _validate(self) -> None:
         """Fail before any compute: every component present, every weight file complete."""
@@ -195,11 +230,16 @@ class TorchStages(StageSet):
             te = "fp32" if fp == "fp16" and self.device.type != "cuda" else ("bf16" if fp == "fp16" else fp)
             return TorchTextEncoder(self.mf.component("text_encoder"), te, self.device_name)
         if name == "transformer":
-            if self.precision in DTYPES:
-                return TorchTransformer(self.mf, self.precision, self.device_name)
-            from .torch_quant import QuantTorchTransformer
+            from .lora import attach
 
-            return QuantTorchTransformer(self.mf, self.precision, self.device, DTYPES[fp])
+            if self.precision in DTYPES:
+                tr = TorchTransformer(self.mf, self.precision, self.device_name)
+            else:
+                from .torch_quant import QuantTorchTransformer
+
+                tr = QuantTorchTransformer(self.mf, self.precision, self.device, DTYPES[fp])
+            attach(tr, self.loras, self.mf.weights.read)
+            return tr
         return TorchVAEDecoder(self.mf.component("vae"), fp, self.device_name)
 
     def _device_peak_reset(self) -> None:
@@ -209,8 +249,14 @@ class TorchStages(StageSet):
     def _device_peak(self) -> int | None:
         return torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
 
+    def default_size(self) -> tuple[int, int]:
+        return self.mf.default_size()
+
     def describe(self) -> dict:
-        return {"backend": "torch", "precision": self.precision, "device": self.device_name}
+        d = {"backend": "torch", "precision": self.precision, "device": self.device_name}
+        if self.auto_reason:
+            d["auto"] = self.auto_reason
+        return d | ({"loras": self.loras.records()} if self.loras else {})
 
     def sizes(self):
         from .planner import sizes_from_model

@@ -112,7 +112,9 @@ class QuantizedFeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         l1 = self.linear_1
-        if l1.use_kernels and l1.fmt in ("int8", "fp8"):
+        # A LoRA branch on linear_1/linear_2 must add before the SwiGLU: then the unfused path runs.
+        branched = hasattr(l1, "lora_branch") or hasattr(self.linear_2, "lora_branch")
+        if l1.use_kernels and l1.fmt in ("int8", "fp8") and not branched:
             from ..kernels.gemm import scaled_mm
 
             shape = x.shape

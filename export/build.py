@@ -19,9 +19,11 @@ from pathlib import Path
 
 from ..engine.checkpoint import open_model
 from ..engine.errors import UserError
+from ..engine.lora import fingerprints, lora_records, lora_targets, with_loras
 from ..engine.manifest import MANIFEST, VERSION, Manifest, file_entry, write_manifest
 from ..engine.model_config import check_latent_size
 from ..engine.modulation import write_modulation_weights
+from ..engine.positions import write_position_table
 from .onnx_export import OPSET, WeightPolicy, save_model, stream_weights
 
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "int8", "int4")
@@ -126,12 +128,13 @@ def build_engine(
     ort_int8: str = "dynamic",
     act_quant: str | None = None,
     calibration_prompts: int = 8,
+    loras=None,
     **trt_options,
 ) -> Path:
     if backend == "tensorrt":
         from .tensorrt_build import build_tensorrt
 
-        trt_options.update(act_quant=act_quant, calibration_prompts=calibration_prompts)
+        trt_options.update(act_quant=act_quant, calibration_prompts=calibration_prompts, loras=loras)
         return build_tensorrt(
             model,
             out,
@@ -152,7 +155,7 @@ def build_engine(
     out = Path(out)
     if not out.parent.exists():
         raise UserError(f"{out.parent}: folder does not exist")
-    mf = open_model(model, components)
+    mf = with_loras(open_model(model, components), loras)  # read and checked before any export
     check_latent_size(mf.transformer_cfg, height // 8, width // 8)
     build_key = _build_key(
         mf,
@@ -190,6 +193,7 @@ def build_engine(
             ort_int8=ort_int8,
             act_quant=act_quant,
             calibration_prompts=calibration_prompts,
+            loras=loras,
         )
         if act_quant:
             data["build_key"] = build_key
@@ -224,6 +228,8 @@ def _build_key(mf, backend, precision, pol, height, width, extra=None) -> str:
         "opset": OPSET,
         "tools": _tool_versions(),
         "extra": extra,
+        # only with LoRAs, so engines built without any keep their key
+        **({"loras": fingerprints(lora_records(mf.weights))} if lora_records(mf.weights) else {}),
     }
     return hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -243,12 +249,14 @@ def export_onnx_folder(
     act_quant: str | None = None,
     calibration_prompts: int = 8,
     smooth_alpha: float = 0.5,
+    loras=None,
 ) -> dict:
     """Export the three components (ONNX + external data), the modulation weights and the tokenizer
     into ``tmp``; returns the manifest data (without the file list)."""
     from .components import FolderReader, text_encoder_aliases, trace_text_encoder, trace_vae_decoder
 
-    mf = open_model(model, components)
+    # LoRAs merge into each weight as it is streamed (and into the folded modulation weights)
+    mf = with_loras(open_model(model, components), loras)
     check_latent_size(mf.transformer_cfg, height // 8, width // 8)
     pol = policies(precision, backend, int4_block, ort_int8)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
@@ -338,9 +346,12 @@ def export_onnx_folder(
         "source": {"model": str(model), "fingerprint": _source_fingerprint(mf)},
         "transformer_config": cfg.to_dict(),
         "scheduler": {"shift": mf.scheduler_shift()},
+        "default_size": list(mf.default_size()),
         "opset": OPSET,
         "attention_plugin": attention_plugin,
         "calibration": calib,
+        "loras": lora_records(mf.weights),
+        "lora_targets": lora_targets(mf.weights),
         "components": comps,
         "tools": _tool_versions(),
     }
@@ -359,7 +370,7 @@ def export_transformer(
     """The transformer graph + weights and the folded modulation weights, streamed into ``folder``.
     ``act_stats`` (weight name -> per-input-channel activation amax) enables W8A8 Q/DQ when the
     policy asks for activation quantization."""
-    from .components import trace_transformer
+    from .components import TRANSFORMER, trace_transformer
 
     prog = prog or _Progress(True)
     cfg = mf.transformer_cfg
@@ -377,20 +388,21 @@ def export_transformer(
         act_stats={"m." + k: v for k, v in (act_stats or {}).items()},
     )
     save_model(proto, folder / "transformer.onnx")
-    prog.say("writing the folded modulation weights")
+    prog.say("writing the folded modulation weights and the positional table")
     nb = write_modulation_weights(cfg, mf.weights, folder / "modulation.safetensors")
+    npos = write_position_table(mf.weights, folder / "positions.safetensors")
     return {
         "transformer": {
             "file": "transformer.onnx",
             "data": "transformer.onnx.data",
-            "inputs": ["latents", "context", "modulation"],
-            "outputs": ["velocity"],
+            "inputs": list(TRANSFORMER.inputs),
+            "outputs": list(TRANSFORMER.outputs),
             "dtype": policy.act_dtype,
-            "height": height,
-            "width": width,
+            "max_side": cfg.max_pixels_side,  # any multiple of 16 up to this, no rebuild
             "batch": [1, 2],
             "weight_bytes": st.bytes_written,
             "bytes_by_format": st.by_format,
         },
         "modulation": {"file": "modulation.safetensors", "weight_bytes": nb},
+        "positions": {"file": "positions.safetensors", "weight_bytes": npos},
     }

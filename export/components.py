@@ -26,11 +26,16 @@ class ComponentSpec:
     dynamic: dict
 
 
+# ``pos``: the positional crop for the image size (engine/positions.py), so no size is baked in
 TRANSFORMER = ComponentSpec(
     "transformer",
-    ("latents", "context", "modulation"),
+    ("latents", "context", "modulation", "pos"),
     ("velocity",),
-    {"latents": {0: "batch"}, "context": {0: "batch"}},
+    {
+        "latents": {0: "batch", 2: "height", 3: "width"},
+        "context": {0: "batch"},
+        "pos": {1: "rows", 2: "cols"},
+    },
 )
 TEXT_ENCODER = ComponentSpec("text_encoder", ("input_ids", "attention_mask"), ("hidden_states",), {})
 VAE_DECODER = ComponentSpec("vae_decoder", ("latents",), ("image",), {"latents": {2: "height", 3: "width"}})
@@ -45,7 +50,8 @@ def _torch_dtype(name: str):
 def trace_transformer(
     cfg: AuraFlowConfig, height: int, width: int, act_dtype: str = "fp32", attention_plugin: bool = False
 ):
-    """Weightless graph of the folded transformer: (latents, context, modulation) -> velocity.
+    """Weightless graph of the folded transformer: (latents, context, modulation, pos) -> velocity,
+    batch 1-2 and every latent size the positional grid covers (``height``/``width``: trace sample).
     ``attention_plugin``: attention as one auraflow_edge.AuraFlowAttention node (TensorRT plugin)."""
     import torch
 
@@ -57,8 +63,8 @@ def trace_transformer(
             super().__init__()
             self.m = m
 
-        def forward(self, latents, context, modulation):
-            return self.m(latents, context, modulation=modulation)
+        def forward(self, latents, context, modulation, pos):
+            return self.m(latents, context, modulation=modulation, pos=pos)
 
     dt = _torch_dtype(act_dtype)
     with torch.device("meta"):
@@ -68,6 +74,7 @@ def trace_transformer(
             torch.zeros(2, cfg.in_channels, height // 8, width // 8, dtype=dt),
             torch.zeros(2, TEXT_LENGTH, cfg.joint_attention_dim, dtype=dt),
             torch.zeros(1, cfg.num_modulations, cfg.hidden, dtype=dt),
+            torch.zeros(1, height // 16, width // 16, cfg.hidden, dtype=dt),  # (1, H/p, W/p, D)
         )
     table = None
     if attention_plugin:
@@ -76,7 +83,15 @@ def trace_transformer(
         tensorrt_plugin.install(model.m)
         table = tensorrt_plugin.translation_table()
     batch = torch.export.Dim("batch", min=1, max=2)
-    dyn = {"latents": {0: batch}, "context": {0: batch}, "modulation": None}
+    # patch rows / columns: any size the positional grid covers (sample size only for the trace)
+    rows, cols = (torch.export.Dim(n, min=2, max=cfg.grid) for n in ("rows", "cols"))
+    p = cfg.patch_size
+    dyn = {
+        "latents": {0: batch, 2: p * rows, 3: p * cols},
+        "context": {0: batch},
+        "modulation": None,
+        "pos": {1: rows, 2: cols},
+    }
     proto = trace(model, args, TRANSFORMER.inputs, TRANSFORMER.outputs, dyn, table)
     return proto, (lambda n: n[2:] if n.startswith("m.") else n)
 

@@ -79,15 +79,21 @@ def transformer_profiles(
     c, m = cfg.in_channels, cfg.num_modulations
     mod = ((1, m, cfg.hidden),) * 3
     ctx = lambda b: (b, text_len, cfg.joint_attention_dim)  # noqa: E731
+    pos = lambda h, w: (1, h // 16, w // 16, cfg.hidden)  # noqa: E731  the positional crop input
+
+    def profile(lat, sides):
+        shapes = {"latents": lat, "context": (ctx(1), ctx(2), ctx(2)), "modulation": mod}
+        return Profile({**shapes, "pos": tuple(pos(h, w) for h, w in sides)})
+
     if dynamic:
-        top = cfg.max_pixels_side // 8
+        top = cfg.max_pixels_side
         oh, ow = shapes[0]
-        lat = ((1, c, 32, 32), (2, c, oh // 8, ow // 8), (2, c, top, top))
-        return [Profile({"latents": lat, "context": (ctx(1), ctx(2), ctx(2)), "modulation": mod})]
+        lat = ((1, c, 32, 32), (2, c, oh // 8, ow // 8), (2, c, top // 8, top // 8))
+        return [profile(lat, ((256, 256), (oh, ow), (top, top)))]
     out = []
     for h, w in shapes:
         lat = ((1, c, h // 8, w // 8), (2, c, h // 8, w // 8), (2, c, h // 8, w // 8))
-        out.append(Profile({"latents": lat, "context": (ctx(1), ctx(2), ctx(2)), "modulation": mod}))
+        out.append(profile(lat, ((h, w),) * 3))
     return out
 
 
@@ -182,6 +188,7 @@ def build_one(
     weight_streaming: bool,
     quiet: bool,
     plugin_arch: int | None = None,
+    refittable: bool = False,
 ) -> dict:  # pragma: no cover - needs TensorRT
     logger = trt.Logger(trt.Logger.WARNING)
     if plugin_arch is not None:
@@ -197,6 +204,8 @@ def build_one(
         raise UserError(f"TensorRT cannot parse {onnx_path.name}: {errs[:500]}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
+    if refittable:  # weights can be swapped later (`auraflow-edge refit --lora`)
+        config.set_flag(trt.BuilderFlag.REFIT)
     if weight_streaming:
         config.set_flag(trt.BuilderFlag.WEIGHT_STREAMING)
     if hardware_compat == "ampere+":
@@ -249,8 +258,8 @@ def build_tensorrt(
     model: str,
     out: str | Path,
     precision: str = "fp16",
-    height: int = 1024,
-    width: int = 1024,
+    height: int | None = None,
+    width: int | None = None,
     shapes: str | None = None,
     vram_budget: str | None = None,
     timing_cache: str | None = None,
@@ -263,16 +272,32 @@ def build_tensorrt(
     command: str = "",
     act_quant: str | None = None,
     calibration_prompts: int = 8,
+    loras=None,
+    refittable: bool = False,
 ) -> Path:
     """Export the ONNX (TensorRT form) into a temp folder, build one engine per component, rename."""
     if hardware_compat not in HARDWARE_COMPAT:
         raise UserError(f"--hardware-compat must be one of {', '.join(HARDWARE_COMPAT)}")
+    if hardware_compat == "ampere+" and attention_plugin:
+        # TensorRT's AMPERE_PLUS level caps every kernel at 48 KiB of shared memory, driver-reserved
+        # included; the plugin's attention kernel needs 68 KiB (sm_86/89) to 96 KiB (sm_90) at
+        # head_dim 256 (bench/results/kernel_resources.json), and its PTX is built for this GPU only.
+        raise UserError(
+            "--hardware-compat ampere+ limits kernels to 48 KiB of shared memory and the attention "
+            "plugin's kernel needs more (68-96 KiB at head_dim 256); build without --attention-plugin, "
+            "or with --hardware-compat none or same-cc"
+        )
     trt = _require_tensorrt()  # before spending minutes on the export
     from ..engine.manifest import MANIFEST, Manifest
     from ..engine.planner import parse_bytes
     from .build import export_onnx_folder, finish_folder
 
     out = Path(out)
+    if height is None or width is None:  # the checkpoint's default size, as diffusers picks it
+        from ..engine.checkpoint import open_model
+
+        dh, dw = open_model(model, components).default_size()
+        height, width = height or dh, width or dw
     shape_list = parse_shapes(shapes, height, width)
     h0, w0 = shape_list[0]
     gpu, cc = gpu_identity()
@@ -280,6 +305,13 @@ def build_tensorrt(
     if (out / MANIFEST).exists() and not force:
         m = Manifest.load(out)
         if key in m.get("engines", {}):
+            from ..engine.lora import fingerprints, requested
+
+            if fingerprints(m.get("loras", [])) != requested(loras):
+                raise UserError(
+                    f"{out} holds engines built with other LoRAs; pass --force to rebuild, or swap them "
+                    "with `auraflow-edge refit` if it was built --refittable"
+                )
             if not quiet:
                 print(f"{out}: already has engines for {key}; reusing them", file=sys.stderr)
             return out
@@ -299,6 +331,7 @@ def build_tensorrt(
             attention_plugin=attention_plugin,
             act_quant=act_quant,
             calibration_prompts=calibration_prompts,
+            loras=loras,
         )
         cfg = AuraFlowConfig(**data["transformer_config"])
         comps = data["components"]
@@ -331,6 +364,7 @@ def build_tensorrt(
                 weight_streaming=stream,
                 quiet=quiet,
                 plugin_arch=cc[0] * 10 + cc[1] if attention_plugin and name == "transformer" else None,
+                refittable=refittable and name == "transformer",
             )
         engines["transformer"]["streaming_budget"] = ws.budget
         data["backend"] = "tensorrt"
@@ -343,6 +377,7 @@ def build_tensorrt(
                 "components": engines,
                 "shapes": [list(s) for s in shape_list],
                 "dynamic_shapes": dynamic_shapes,
+                "refittable": refittable,
             }
         }
         data["command"] = command

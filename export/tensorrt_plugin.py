@@ -10,14 +10,32 @@ in the transformer graph instead of the standard-ops attention (which stays the 
 plugin is measured on a GPU).
 
 TensorRT side (needs tensorrt >= 10.6 and a GPU; UNVERIFIED here, written to the documented
-``tensorrt.plugin`` API): the op is registered with ``@trtp.register`` (shape/type description)
-and ``@trtp.aot_impl`` (our Triton kernel compiled ahead of time to PTX for the build GPU).
+``tensorrt.plugin`` API and NVIDIA's quickly_deployable_plugins sample): the op is registered with
+``@trtp.register`` (shape/type description) and ``@trtp.aot_impl`` (our Triton kernel compiled
+ahead of time to PTX for the build GPU). The ONNX parser maps the node to the plugin by its op type
+and its ``plugin_namespace`` attribute, and picks the AOT implementation when ``aot`` is 1.
+TensorRT launches an AOT kernel with the input pointers, then the int32 scalars the plugin
+returns, then the output pointers; ``_attn_trt`` is that signature around ``_attn_fwd``, with the
+softmax scale and eps compiled in.
 """
 
 import torch  # annotations of the custom op are evaluated by torch.library (no postponed annotations here)
 
+from ..engine.errors import UserError
+
+try:
+    import triton
+    import triton.language as tl
+
+    from ..kernels.attention import _attn_fwd
+except ImportError:  # export-only installs: the ONNX side needs no triton
+    triton = None
+
 DOMAIN, OP = "auraflow_edge", "AuraFlowAttention"
 _state = {}
+# TensorRT data type name -> Triton type of the kernel built for it (a strongly typed engine
+# gives the plugin the graph's dtype: fp16 engines get the fp16 kernel, bf16 the bf16 one)
+TRT_DTYPES = {"HALF": "fp16", "BF16": "bf16", "FLOAT": "fp32"}
 
 
 def register_onnx_schema() -> None:
@@ -40,7 +58,9 @@ def register_onnx_schema() -> None:
                 type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "float types")],
                 attributes=[a("eps", OpSchema.AttrType.FLOAT, "LayerNorm epsilon"),
                             a("scale", OpSchema.AttrType.FLOAT, "softmax scale"),
-                            a("q_norm", OpSchema.AttrType.INT, "1: LayerNorm q per head inside the kernel")],
+                            a("q_norm", OpSchema.AttrType.INT, "1: LayerNorm q per head inside the kernel"),
+                            a("plugin_namespace", OpSchema.AttrType.STRING, "TensorRT plugin namespace"),
+                            a("aot", OpSchema.AttrType.INT, "1: TensorRT uses the plugin's AOT implementation")],
             )
         )  # fmt: skip
     _state["schema"] = True
@@ -78,7 +98,10 @@ def translation_table() -> dict:
     opset = onnxscript.values.Opset(DOMAIN, 1)
 
     def to_onnx(q, k, v, eps: float, scale: float, q_norm: int):
-        return opset.AuraFlowAttention(q, k, v, eps=eps, scale=scale, q_norm=q_norm)
+        # plugin_namespace + op type name the TensorRT plugin; aot=1 selects its AOT implementation
+        return opset.AuraFlowAttention(
+            q, k, v, eps=eps, scale=scale, q_norm=q_norm, plugin_namespace=DOMAIN, aot=1
+        )
 
     return {torch.ops.auraflow_edge.attention.default: to_onnx}
 
@@ -101,14 +124,87 @@ def install(model) -> None:
             m.core = core
 
 
+if triton is not None:
+
+    @triton.jit
+    def _attn_trt(
+        Q, K, V, H, N_Q, N_K, Out,
+        QK_SCALE: tl.constexpr, EPS: tl.constexpr, Q_NORM: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, QB: tl.constexpr,
+    ):  # fmt: skip
+        """TensorRT's AOT calling convention (inputs, int32 scalars, outputs) over contiguous
+        (B, H, N, BLOCK_D) tensors; K arrives normalised, Q is normalised here when Q_NORM."""
+        _attn_fwd(
+            Q, K, V, Out, Q, K,  # QS / KS: unused without INT8
+            H * N_Q * BLOCK_D, N_Q * BLOCK_D, BLOCK_D, 1,
+            H * N_K * BLOCK_D, N_K * BLOCK_D, BLOCK_D, 1,
+            H * N_K * BLOCK_D, N_K * BLOCK_D, BLOCK_D, 1,
+            H * N_Q * BLOCK_D, N_Q * BLOCK_D, BLOCK_D, 1,
+            H, N_Q, N_K, BLOCK_D, QK_SCALE, EPS,
+            Q_NORM, False, IEEE, BLOCK_M, BLOCK_N, BLOCK_D, QB,
+        )  # fmt: skip
+
+
+def kernel_dtype(trt, dtype) -> str:
+    """The Triton type of the kernel for a TensorRT data type (``q.dtype`` of a TensorDesc)."""
+    for name, tt in TRT_DTYPES.items():
+        if dtype == getattr(trt.DataType, name):
+            return tt
+    raise UserError(f"the attention plugin supports fp16, bf16 and fp32 tensors, not {dtype}")
+
+
+def plugin_kernel(head_dim: int, dtype: str, eps: float, scale: float, q_norm: int):
+    """(signature, constexprs, num_warps, num_stages, BLOCK_M) of ``_attn_trt`` for one node."""
+    from ..kernels import attention as A
+
+    if head_dim & (head_dim - 1) or not 16 <= head_dim <= 256:
+        raise UserError(f"the attention plugin needs a power-of-two head_dim in 16..256, got {head_dim}")
+    bm, bn, warps, stages = A.block_sizes(head_dim, False)
+    ptr = f"*{dtype}"
+    sig = {"Q": ptr, "K": ptr, "V": ptr, "H": "i32", "N_Q": "i32", "N_K": "i32", "Out": ptr}
+    const = dict(
+        QK_SCALE=float(scale) * A.LOG2E,
+        EPS=float(eps),
+        Q_NORM=bool(q_norm),
+        IEEE=dtype == "fp32",
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_D=head_dim,
+        QB=A.QUANT_GROUP,
+    )
+    return sig, const, warps, stages, bm
+
+
+def aot_impl(trt, trtp, arch: int, q, k, eps: float, scale: float, q_norm: int):
+    """What ``@trtp.aot_impl`` returns for one node: (kernel name, PTX, launch parameters, the
+    int32 scalars H, N_Q, N_K as symbolic expressions of the input shapes)."""
+    from ..kernels.aot import compile_variant
+
+    d = q.shape_expr[3]
+    if not d.is_constant:
+        raise UserError("the attention plugin needs a static head_dim (last axis of q)")
+    sig, const, warps, stages, bm = plugin_kernel(
+        d.constant_value(), kernel_dtype(trt, q.dtype), eps, scale, q_norm
+    )
+    # TensorRT allocations are 256-byte aligned: pointers compile with the divisibility the JIT gives them
+    compiled = compile_variant(_attn_trt, sig, const, arch, warps, stages)
+    b, h, nq, nk = q.shape_expr[0], q.shape_expr[1], q.shape_expr[2], k.shape_expr[2]
+    launch = trtp.KernelLaunchParams()
+    launch.grid_x = trtp.cdiv(nq, bm)
+    launch.grid_y = b * h
+    launch.block_x = compiled.metadata.num_warps * 32
+    launch.shared_mem = compiled.metadata.shared
+    extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(e) for e in (h, nq, nk)])
+    return compiled.metadata.name.encode(), compiled.asm["ptx"].encode(), launch, extra
+
+
 def register_tensorrt_plugin(arch: int) -> None:  # pragma: no cover - needs TensorRT and a GPU
     """Register AuraFlowAttention with TensorRT's Python plugin API, implemented by our
-    ahead-of-time compiled Triton kernel (single-kernel form: Q and K normalised in the kernel)."""
-    import numpy as np
+    ahead-of-time compiled Triton kernel (K normalised by the graph, Q by the kernel when q_norm)."""
+    if _state.get("trt"):
+        return
+    import tensorrt as trt
     import tensorrt.plugin as trtp
-
-    from ..kernels import attention as A
-    from ..kernels.aot import compile_variant
 
     @trtp.register(f"{DOMAIN}::{OP}")
     def _desc(
@@ -127,29 +223,6 @@ def register_tensorrt_plugin(arch: int) -> None:  # pragma: no cover - needs Ten
         outputs,
         tactic,
     ):
-        d = int(q.shape_expr[3])
-        dt = {np.float16: "fp16"}.get(q.dtype, "bf16")
-        bm, bn, warps, stages = A.block_sizes(d, False)
-        sig = {"Q": f"*{dt}", "K": f"*{dt}", "V": f"*{dt}", "Out": f"*{dt}", "QS": "*fp32", "KS": "*fp32"}
-        sig |= {n: "i32" for n in [f"s{t}{a}" for t in "qkvo" for a in "bhnd"] + ["H", "N_Q", "N_K", "D"]}
-        sig |= {"qk_scale": "fp32", "eps": "fp32"}
-        # one kernel: K arrives normalised; Q normalised in-kernel when q_norm
-        const = dict(
-            Q_NORM=bool(q_norm), INT8=False, IEEE=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=d, QB=A.QUANT_GROUP
-        )
-        compiled = compile_variant(A._attn_fwd, sig, const, arch, warps, stages)
-        b, h, n = q.shape_expr[0], q.shape_expr[1], q.shape_expr[2]
-        launch = trtp.KernelLaunchParams()
-        launch.grid_x = trtp.cdiv(n, bm)
-        launch.grid_y = b * h
-        launch.block_x = warps * 32
-        launch.shared_mem = compiled.metadata.shared
-        strides = [h * n * d, n * d, d, 1]
-        extra = trtp.SymIntExprs(4 * 4 + 4 + 2)
-        vals = strides * 4 + [h, n, n, d]
-        for i, e in enumerate(vals):
-            extra[i] = trtp.SymInt32(e)
-        extra[len(vals)] = (
-            trtp.SymFloat32(scale * A.LOG2E) if hasattr(trtp, "SymFloat32") else scale * A.LOG2E
-        )
-        return compiled.metadata.name, compiled.asm["ptx"], launch, extra
+        return aot_impl(trt, trtp, arch, q, k, eps, scale, q_norm)
+
+    _state["trt"] = True

@@ -55,4 +55,30 @@ def reference_image(tiny_dir, tiny_noise):
     return np.asarray(out.images[0]), lat.images.numpy()
 
 
+# every ONNX Runtime engine precision (int8-nbits: --ort-int8 nbits)
+PRECISIONS = ["fp32", "fp16", "int8", "int8-nbits", "fp8", "int4"]
+
+
+@pytest.fixture(scope="session")
+def engines(tiny_dir, tmp_path_factory):
+    """One ONNX Runtime engine folder per precision of the tiny model, at 64x96."""
+    from auraflow_edge.export.build import build_engine
+
+    root = tmp_path_factory.mktemp("engines")
+    out = {}
+    for p in PRECISIONS:
+        prec, _, kernel = p.partition("-")
+        out[p] = build_engine(
+            str(tiny_dir),
+            root / p,
+            precision=prec,
+            height=64,
+            width=96,
+            int4_block=16,
+            quiet=True,
+            ort_int8=kernel or "dynamic",
+        )
+    return out
+
+
 GEN = dict(prompt="a photo of a cat", negative_prompt="blurry", steps=4, guidance=3.5, height=64, width=96)

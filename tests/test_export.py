@@ -9,37 +9,17 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import GEN
+from conftest import GEN, PRECISIONS
 
 from auraflow_edge.engine.checkpoint import open_model
 from auraflow_edge.engine.errors import UserError
 from auraflow_edge.engine.manifest import Manifest
 from auraflow_edge.engine.modulation import ModulationTable
 from auraflow_edge.engine.pipeline import Pipeline
+from auraflow_edge.engine.positions import PositionTable
 from auraflow_edge.engine.schedule import flow_match_schedule
 from auraflow_edge.engine.torch_backend import load_transformer
 from auraflow_edge.export.build import build_engine
-
-PRECISIONS = ["fp32", "fp16", "int8", "int8-nbits", "fp8", "int4"]
-
-
-@pytest.fixture(scope="session")
-def engines(tiny_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("engines")
-    out = {}
-    for p in PRECISIONS:
-        prec, _, kernel = p.partition("-")
-        out[p] = build_engine(
-            str(tiny_dir),
-            root / p,
-            precision=prec,
-            height=64,
-            width=96,
-            int4_block=16,
-            quiet=True,
-            ort_int8=kernel or "dynamic",
-        )
-    return out
 
 
 def test_modulation_table_matches_torch(tiny_dir, engines):
@@ -78,7 +58,9 @@ def _transformer_outputs(engine, tiny_dir):
     mod = table(np.array([0.8], np.float32))
     dt = np.float16 if m["components"]["transformer"]["dtype"] == "fp16" else np.float32
     s = ort.InferenceSession(str(m.path("transformer.onnx")), providers=["CPUExecutionProvider"])
-    got = s.run(None, {"latents": x.astype(dt), "context": c.astype(dt), "modulation": mod.astype(dt)})[0]
+    pos = PositionTable(mf.transformer_cfg, m.path("positions.safetensors"))(8, 12)
+    feed = {"latents": x, "context": c, "modulation": mod, "pos": pos}
+    got = s.run(None, {k: v.astype(dt) for k, v in feed.items()})[0]
     model = load_transformer(mf, torch.float32, torch.device("cpu"))
     with torch.no_grad():
         want = model(torch.from_numpy(x), torch.from_numpy(c), modulation=torch.from_numpy(mod)).numpy()
@@ -201,9 +183,33 @@ def test_external_data_outside_the_folder_is_refused(engines, tmp_path):
         Pipeline.load(e)
 
 
-def test_engine_refuses_other_sizes(engines):
-    with pytest.raises(UserError, match="rebuild with --height 64 --width 64"):
-        Pipeline.load(engines["int8"]).generate("x", steps=1, height=64, width=64)
+def test_one_engine_serves_every_size(engines, tiny_dir):
+    """No size is baked into an ONNX Runtime engine: each size the grid covers matches diffusers."""
+    import torch
+    from diffusers import AuraFlowPipeline
+
+    ref = AuraFlowPipeline.from_pretrained(tiny_dir)
+    ref.set_progress_bar_config(disable=True)
+    pipe = Pipeline.load(engines["fp32"])
+    assert pipe.default_size() == (256, 256)  # sample_size 32 x VAE scale factor 8
+    for h, w in [(64, 64), (96, 64), (48, 160), (256, 256)]:
+        noise = np.random.default_rng(h * w).standard_normal((1, 4, h // 8, w // 8), dtype=np.float32)
+        gen = {**GEN, "height": h, "width": w}
+        got = np.asarray(pipe.generate(**gen, noise=noise).image).astype(int)
+        want = ref(
+            gen["prompt"],
+            negative_prompt=gen["negative_prompt"],
+            num_inference_steps=gen["steps"],
+            guidance_scale=gen["guidance"],
+            height=h,
+            width=w,
+            latents=torch.from_numpy(noise.copy()),
+        ).images[0]
+        assert got.shape == (h, w, 3)
+        assert np.abs(got - np.asarray(want).astype(int)).max() <= 1, (h, w)
+    with pytest.raises(UserError, match="exceeds the positional grid"):
+        pipe.generate("x", steps=1, height=272, width=64)
+    assert Pipeline.load(engines["int8"]).generate("x", steps=1).image.size == (256, 256)
 
 
 def test_generate_imports_no_torch(engines, tmp_path):

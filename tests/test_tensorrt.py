@@ -1,17 +1,28 @@
 """TensorRT: everything that runs without TensorRT (profiles, keys, refusal, weight streaming,
-the plugin node, the operator check). Tests that need TensorRT are skipped when it is absent."""
+the operator check, the plugin's kernel and AOT argument packing against a fake ``tensorrt.plugin``,
+the engine's numpy dtypes against a fake ``tensorrt``). Tests that need TensorRT are skipped when
+it is absent; the exported graphs are in test_trt_graphs.py."""
 
+import enum
 import importlib.util
+import json
+import os
+import subprocess
+import sys
+import types
 
-import onnx
+import ml_dtypes
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from auraflow_edge.engine.errors import UserError
 from auraflow_edge.engine.manifest import Manifest
 from auraflow_edge.engine.model import AURAFLOW_V02, AURAFLOW_V03
-from auraflow_edge.engine.tensorrt_backend import select_engine
+from auraflow_edge.engine.tensorrt_backend import numpy_dtype, select_engine
 from auraflow_edge.export import tensorrt_build as tb
+from auraflow_edge.export import tensorrt_plugin as tp
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 GiB = 2**30
@@ -102,76 +113,11 @@ def test_engine_selection_and_refusal(tmp_path):
         select_engine(_manifest(tmp_path, {}), "x", (8, 9), "10.8.0")
 
 
-@pytest.fixture(scope="module")
-def trt_exports(tiny_dir, tmp_path_factory):
-    """The ONNX the TensorRT builder would parse, per precision (and with the attention plugin)."""
-    from auraflow_edge.export.build import export_onnx_folder
-
-    out = {}
-    for name, prec, plugin in [
-        ("fp16", "fp16", False),
-        ("bf16", "bf16", False),
-        ("int8", "int8", False),
-        ("int4", "int4", False),
-        ("fp8", "fp8", False),
-        ("plugin", "fp16", True),
-    ]:
-        d = tmp_path_factory.mktemp(name)
-        out[name] = (
-            d,
-            export_onnx_folder(
-                str(tiny_dir), d, "tensorrt", prec, 64, 96, 16, quiet=True, attention_plugin=plugin
-            ),
-        )
-    return out
-
-
-@pytest.mark.parametrize("name", ["fp16", "bf16", "int8", "int4", "fp8", "plugin"])
-def test_exported_graphs_use_only_tensorrt_ops(trt_exports, name):
-    d, data = trt_exports[name]
-    for comp in ("transformer", "text_encoder", "vae_decoder"):
-        assert tb.unsupported_ops(d / data["components"][comp]["file"]) == []
-    g = onnx.load(str(d / "transformer.onnx"), load_external_data=False).graph
-    ops = {n.op_type for n in g.node}
-    if name in ("int8", "int4", "fp8"):
-        assert "DequantizeLinear" in ops and "MatMulNBits" not in ops  # standard Q/DQ weights for TensorRT
-    if name == "int4":
-        blocked = [
-            n
-            for n in g.node
-            if n.op_type == "DequantizeLinear" and any(a.name == "block_size" for a in n.attribute)
-        ]
-        assert blocked
-    dt = {i.name: i.type.tensor_type.elem_type for i in g.input}
-    want = {"bf16": onnx.TensorProto.BFLOAT16}.get(name, onnx.TensorProto.FLOAT16)
-    assert dt["latents"] == want
-
-
 def test_operator_check_catches_unsupported(tiny_dir, tmp_path):
     from auraflow_edge.export.build import build_engine
 
     e = build_engine(str(tiny_dir), tmp_path / "ort", precision="int8", height=64, width=96, quiet=True)
     assert tb.unsupported_ops(e / "transformer.onnx") == ["com.microsoft::DynamicQuantizeMatMul"]
-
-
-def test_plugin_node_and_attributes(trt_exports, tiny_dir):
-    from auraflow_edge.engine.checkpoint import open_model
-
-    d, data = trt_exports["plugin"]
-    cfg = open_model(tiny_dir).transformer_cfg
-    m = onnx.load(str(d / "transformer.onnx"), load_external_data=False)
-    nodes = [n for n in m.graph.node if n.domain == "auraflow_edge"]
-    assert len(nodes) == cfg.num_mmdit_layers + cfg.num_single_dit_layers
-    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nodes[0].attribute}
-    assert (
-        attrs["q_norm"] == 1
-        and abs(attrs["scale"] - cfg.attention_head_dim**-0.5) < 1e-7
-        and abs(attrs["eps"] - 1e-5) < 1e-9
-    )
-    assert nodes[0].op_type == "AuraFlowAttention" and len(nodes[0].input) == 3
-    assert ("auraflow_edge", 1) in [(o.domain, o.version) for o in m.opset_import]
-    assert "LayerNormalization" in {n.op_type for n in m.graph.node}  # K normalised by a standard op
-    onnx.checker.check_model(str(d / "transformer.onnx"))  # schema registered
 
 
 def test_plugin_attention_equals_reference(tiny_dir):
@@ -238,3 +184,171 @@ def test_generate_on_tensorrt_without_tensorrt_is_a_clear_error(tiny_dir, tmp_pa
     )
     err = capsys.readouterr().err
     assert rc == 2 and "needs TensorRT" in err and not (tmp_path / "o.png").exists()
+
+
+class _DataType(enum.Enum):  # the members of tensorrt.DataType the code looks up
+    FLOAT = 0
+    HALF = 1
+    INT8 = 2
+    INT32 = 3
+    BF16 = 7
+    INT64 = 8
+    FP8 = 9
+
+
+def _nptype(dt):  # tensorrt.nptype: numpy has no bf16 / fp8, and TensorRT says so with a TypeError
+    table = {_DataType.FLOAT: np.float32, _DataType.HALF: np.float16, _DataType.INT8: np.int8}
+    table |= {_DataType.INT32: np.int32, _DataType.INT64: np.int64}
+    if dt not in table:
+        raise TypeError("Could not resolve TensorRT datatype to an equivalent numpy datatype.")
+    return table[dt]
+
+
+FAKE_TRT = types.SimpleNamespace(DataType=_DataType, nptype=_nptype)
+
+
+def test_engine_output_dtypes_follow_the_engine():
+    assert numpy_dtype(FAKE_TRT, _DataType.BF16) == np.dtype(ml_dtypes.bfloat16)
+    assert numpy_dtype(FAKE_TRT, _DataType.HALF) == np.float16
+    assert numpy_dtype(FAKE_TRT, _DataType.FLOAT) == np.float32
+    assert numpy_dtype(FAKE_TRT, _DataType.INT64) == np.int64
+    with pytest.raises(UserError, match="no numpy equivalent"):
+        numpy_dtype(FAKE_TRT, _DataType.FP8)
+    # a bf16 engine's bytes read back as bf16 are the values, read as float32 they are not
+    out = np.array([1.5, -2.25, 3.0, 0.125], ml_dtypes.bfloat16)
+    back = np.frombuffer(out.tobytes(), numpy_dtype(FAKE_TRT, _DataType.BF16))
+    np.testing.assert_array_equal(back.astype(np.float32), [1.5, -2.25, 3.0, 0.125])
+
+
+def test_plugin_kernel_follows_the_tensor_dtype():
+    assert tp.kernel_dtype(FAKE_TRT, _DataType.HALF) == "fp16"
+    assert tp.kernel_dtype(FAKE_TRT, _DataType.BF16) == "bf16"
+    assert tp.kernel_dtype(FAKE_TRT, _DataType.FLOAT) == "fp32"
+    with pytest.raises(UserError, match="fp16, bf16 and fp32"):
+        tp.kernel_dtype(FAKE_TRT, _DataType.INT8)
+
+
+def test_plugin_kernel_signature_is_tensorrts_calling_convention():
+    """Input pointers, then int32 scalars, then the output pointer; scale and eps compiled in."""
+    from auraflow_edge.kernels.attention import LOG2E
+
+    sig, const, warps, stages, bm = tp.plugin_kernel(256, "bf16", 1e-5, 1 / 16, 0)
+    assert list(sig.items()) == [
+        ("Q", "*bf16"), ("K", "*bf16"), ("V", "*bf16"), ("H", "i32"), ("N_Q", "i32"), ("N_K", "i32"), ("Out", "*bf16"),
+    ]  # fmt: skip
+    assert list(sig) == [a for a in tp._attn_trt.arg_names if a in sig]  # the kernel's own order
+    assert set(const) | set(sig) == set(tp._attn_trt.arg_names)
+    assert const["QK_SCALE"] == pytest.approx(LOG2E / 16) and const["EPS"] == 1e-5
+    assert const["Q_NORM"] is False and const["BLOCK_D"] == 256 and const["IEEE"] is False
+    assert bm == const["BLOCK_M"] and warps * 32 <= 1024
+    assert tp.plugin_kernel(64, "fp32", 1e-6, 0.125, 1)[1]["IEEE"] is True
+    with pytest.raises(UserError, match="power-of-two head_dim"):
+        tp.plugin_kernel(96, "fp16", 1e-5, 0.1, 1)
+
+
+@pytest.mark.parametrize("q_norm, nq, nk", [(1, 40, 24), (0, 33, 33)])
+def test_plugin_wrapper_kernel_equals_the_attention_reference(q_norm, nq, nk):
+    """``_attn_trt`` in the Triton interpreter (fp16: the interpreter's bf16 dot is wrong) against
+    the plugin's reference: softmax(LN?(q) k^T scale) v with K already normalised."""
+    import triton
+
+    from auraflow_edge.kernels.attention import attention_reference
+
+    g = torch.Generator().manual_seed(q_norm)
+    b, h, d, eps, scale = 2, 3, 64, 1e-5, 0.3
+    q = (torch.randn(b, h, nq, d, generator=g) * 2 + 0.5).half()
+    k = F.layer_norm(torch.randn(b, h, nk, d, generator=g), (d,)).half()
+    v = torch.randn(b, h, nk, d, generator=g).half()
+    _, const, warps, stages, bm = tp.plugin_kernel(d, "fp16", eps, scale, q_norm)
+    out = torch.full_like(q, float("nan"))  # poisoned: an unwritten element fails
+    tp._attn_trt[(triton.cdiv(nq, bm), b * h)](q, k, v, h, nq, nk, out, **const, num_warps=warps)
+    qn = F.layer_norm(q.double(), (d,), eps=eps) if q_norm else q.double()
+    want = attention_reference(qn, k.double(), v.double(), qk_norm=False, scale=scale)
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=4e-3)
+
+
+_AOT_SCRIPT = r"""
+import enum, json, re, sys, types
+from auraflow_edge.export import tensorrt_plugin as tp
+
+class DataType(enum.Enum):
+    FLOAT = 0
+    HALF = 1
+    BF16 = 7
+
+class Expr:  # a ShapeExpr: symbolic unless constant, constant_value() only when constant
+    def __init__(self, v, const=False):
+        self.v, self.is_constant = v, const
+    def constant_value(self):
+        if not self.is_constant:
+            raise RuntimeError("not a build-time constant")
+        return self.v
+    def __mul__(self, o):
+        return Expr(["mul", self.v, o.v])
+
+class Launch:
+    pass
+
+trtp = types.SimpleNamespace(
+    KernelLaunchParams=Launch,
+    cdiv=lambda a, b: ["cdiv", a.v, b],
+    SymInt32=lambda e: ["i32", e.v],
+    SymIntExprs=types.SimpleNamespace(from_tuple=list),
+)
+trt = types.SimpleNamespace(DataType=DataType)
+out = {}
+for name in ("HALF", "BF16"):
+    q = types.SimpleNamespace(dtype=DataType[name], shape_expr=[Expr("B"), Expr("H"), Expr("NQ"), Expr(64, True)])
+    k = types.SimpleNamespace(dtype=DataType[name], shape_expr=[Expr("B"), Expr("H"), Expr("NK"), Expr(64, True)])
+    kname, ptx, launch, extra = tp.aot_impl(trt, trtp, 86, q, k, 1e-5, 0.125, 1)
+    ptx = ptx.decode()
+    entry = ptx[ptx.index(".entry"):]
+    entry = entry[: entry.index(")")]
+    out[name] = dict(
+        name=kname.decode(), params=re.findall(r"\.param \.(\w+)", entry),
+        grid_x=launch.grid_x, grid_y=launch.grid_y.v, block_x=launch.block_x, shared=launch.shared_mem,
+        extra=extra, cp_async="cp.async" in ptx, bf16_mma=bool(re.search(r"mma\.sync\S*bf16", ptx)),
+        f16_mma=bool(re.search(r"mma\.sync\S*f16\.f16", ptx)),
+    )
+q.shape_expr[3] = Expr("D")
+try:
+    tp.aot_impl(trt, trtp, 86, q, k, 1e-5, 0.125, 1)
+except Exception as e:
+    out["dynamic_d"] = str(e)
+print(json.dumps(out))
+"""
+
+
+def test_plugin_aot_impl_packs_tensorrt_arguments():
+    """aot_impl against a fake ``tensorrt.plugin``: a real compile for sm_86 (a fresh process
+    without TRITON_INTERPRET), checked in its PTX: parameters in TensorRT's order, cp.async
+    pipelining (aligned pointers), the kernel of the tensor's dtype; launch and extra arguments as
+    symbolic expressions of the input shapes."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_DEFAULT_FP_FUSION": "1"}
+    r = subprocess.run(
+        [sys.executable, "-c", _AOT_SCRIPT], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    _, const, warps, _, bm = tp.plugin_kernel(64, "fp16", 1e-5, 0.125, 1)
+    for name in ("HALF", "BF16"):
+        got = res[name]
+        assert got["name"] == "_attn_trt"
+        # Q, K, V, then H, N_Q, N_K, then Out; Triton appends its scratch pointers after them
+        kinds = got["params"]
+        assert kinds[:7] == ["u64", "u64", "u64", "u32", "u32", "u32", "u64"] and set(kinds[7:]) <= {"u64"}
+        assert got["grid_x"] == ["cdiv", "NQ", bm] and got["grid_y"] == ["mul", "B", "H"]
+        assert got["block_x"] == warps * 32 and got["shared"] > 0
+        assert got["extra"] == [["i32", "H"], ["i32", "NQ"], ["i32", "NK"]]
+        assert got["cp_async"]
+    assert res["HALF"]["f16_mma"] and not res["HALF"]["bf16_mma"]
+    assert res["BF16"]["bf16_mma"] and not res["BF16"]["f16_mma"]
+    assert "static head_dim" in res["dynamic_d"]
+
+
+def test_ampere_plus_with_the_attention_plugin_is_refused(tiny_dir, tmp_path):
+    with pytest.raises(UserError, match="48 KiB"):
+        tb.build_tensorrt(
+            str(tiny_dir), tmp_path / "t", "fp16", 64, 96, hardware_compat="ampere+", attention_plugin=True
+        )
+    assert not (tmp_path / "t").exists()

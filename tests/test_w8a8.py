@@ -8,6 +8,7 @@ import torch
 
 from auraflow_edge.engine.checkpoint import open_model
 from auraflow_edge.engine.modulation import ModulationTable
+from auraflow_edge.engine.positions import POS_NAME, crop
 from auraflow_edge.engine.torch_backend import load_transformer
 from auraflow_edge.export.build import KEEP_FLOAT, export_onnx_folder
 from auraflow_edge.export.calibrate import CALIBRATION_PROMPTS, calibrate, smoothing
@@ -61,7 +62,9 @@ def _w8a8_error(mf, stats, fmt, alpha, tmp_path):
     onnx.checker.check_model(str(out))
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    got = ort.InferenceSession(str(out), so).run(None, {"latents": x, "context": c, "modulation": mod})[0]
+    pos = crop(mf.weights.read(POS_NAME), cfg, 8, 12)
+    feed = {"latents": x, "context": c, "modulation": mod, "pos": pos}
+    got = ort.InferenceSession(str(out), so).run(None, feed)[0]
     with torch.no_grad():
         want = ref(torch.from_numpy(x), torch.from_numpy(c), modulation=torch.from_numpy(mod)).numpy()
     n_q = sum(n.op_type == "QuantizeLinear" for n in proto.graph.node)

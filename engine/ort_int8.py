@@ -1,0 +1,209 @@
+"""ONNX Runtime int8 on every CPU: which weight encoding is exact where, and the switch at load.
+
+``com.microsoft.DynamicQuantizeMatMul`` quantizes activations to uint8 (asymmetric, per tensor) and
+multiplies them with the int8 weights in MLAS. How MLAS multiplies depends on the CPU (read from
+onnxruntime/core/mlas/lib/x86_64/Qgemm*.S and qgemm_kernel_*.cpp):
+
+- x86-64 with AVX-VNNI, AVX512-VNNI or AMX: u8 x s8 through vpdpbusd / tdpbusd, exact int32 sums.
+- x86-64 with AVX2 or AVX512BW but no VNNI: u8 x s8 through vpmaddubsw, which adds the products of
+  each adjacent pair along K into a *saturating* int16. 2 * 255 * 127 = 64770 does not fit, so a
+  large activation against a large weight is clipped (issue 14: 4.2% error on the tiny model,
+  26.7 dB mid-size images). u8 x u8 there zero-extends both operands to int16 and uses vpmaddwd
+  (int32 pair sums, at most 2 * 255 * 255): exact.
+- ARM64: widening NEON multiplies, udot/sdot or ummla/smmla: exact for either encoding.
+
+Engines store s8 weights, the encoding that is both exact and fast where VNNI exists (one
+768x3072 layer measured on an AMX Xeon: 3.1 int8 TOPS for s8, 0.37 for u8). On an x86-64 CPU
+without VNNI the runtime re-encodes each s8 weight as u8 with zero point 128 when the session is
+created (the same integers: byte XOR 0x80), so one engine folder is exact on every CPU.
+
+The emulation half of this module reproduces both integer paths in numpy, so tests can show on any
+machine what every target computes.
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+ENCODINGS = ("auto", "s8", "u8")
+_X86 = {"x86_64", "amd64", "i386", "i686", "x86"}
+# CPUID features that give MLAS an exact u8 x s8 kernel (vpdpbusd, tdpbusd)
+_EXACT_U8S8 = {"avx512_vnni", "avx_vnni", "amx_int8"}
+
+
+def cpu_flags() -> set[str] | None:
+    """Lower-case CPUID feature names of this machine (Linux /proc/cpuinfo, else numpy's view);
+    None when neither says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as feats
+    except ImportError:  # numpy < 2
+        try:
+            from numpy.core._multiarray_umath import __cpu_features__ as feats
+        except ImportError:
+            return None
+    names = {"AVX2": "avx2", "AVX512BW": "avx512bw", "AVX512VNNI": "avx512_vnni"}
+    return {v for k, v in names.items() if feats.get(k)}
+
+
+def int8_encoding(machine: str | None = None, flags: set[str] | None = None) -> str:
+    """The weight encoding MLAS multiplies exactly (and fastest) on this CPU: "s8" or "u8"."""
+    machine = (machine or platform.machine()).lower()
+    if machine not in _X86:
+        return "s8"  # ARM64 and others: no saturating u8 x s8 path
+    flags = cpu_flags() if flags is None else flags
+    if flags is None:
+        return "u8"  # unknown x86: the encoding that is exact everywhere
+    return "s8" if flags & _EXACT_U8S8 else "u8"
+
+
+def describe_cpu() -> str:
+    """CPU model and the flags the int8 path depends on, for benchmark records."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    flags = cpu_flags() or set()
+    isa = [
+        f
+        for f in ("avx2", "avx512bw", "avx_vnni", "avx512_vnni", "amx_int8", "asimddp", "i8mm")
+        if f in flags
+    ]
+    return f"{model} ({', '.join(isa) or 'no SIMD int8 flags read'})"
+
+
+# ----------------------------------------------------------------------------------------------
+# load time: s8 weights of DynamicQuantizeMatMul nodes -> u8 with zero point 128
+
+
+def reencode_u8(onnx_path: Path) -> tuple[bytes, dict[str, np.ndarray]] | None:
+    """The graph with every int8 DynamicQuantizeMatMul weight re-encoded as uint8 + zero point 128.
+
+    Returns (graph bytes, {initializer name: uint8 array}) to create the session from, or None when
+    the graph has no such weight. The arrays are read from the external data once; they replace the
+    declared initializers (``SessionOptions.add_initializer``) and must outlive the session.
+    """
+    import onnx
+    from onnx import TensorProto, numpy_helper
+
+    from .manifest import inside
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    folder = onnx_path.parent
+    arrays: dict[str, np.ndarray] = {}
+    for n in g.node:
+        if n.op_type != "DynamicQuantizeMatMul" or n.domain != "com.microsoft":
+            continue
+        t = inits.get(n.input[1])
+        if t is None or t.data_type != TensorProto.INT8 or (len(n.input) > 3 and n.input[3]):
+            continue
+        name = t.name + "__u8"
+        if name not in arrays:
+            arrays[name] = _read_int8(t, folder, inside) ^ np.uint8(0x80)  # q + 128 as a byte
+            u = TensorProto()
+            u.CopyFrom(t)
+            u.name, u.data_type = name, TensorProto.UINT8
+            g.initializer.append(u)
+            zp = numpy_helper.from_array(np.full(t.dims[-1], 128, np.uint8), t.name + "__zp128")
+            g.initializer.append(zp)
+        inputs = list(n.input) + [""] * (4 - len(n.input))  # A, B, b_scale, b_zero_point[, bias]
+        inputs[1], inputs[3] = name, t.name + "__zp128"
+        del n.input[:]
+        n.input.extend(inputs)
+    if not arrays:
+        return None
+    used = {i for n in g.node for i in n.input}
+    keep = [t for t in g.initializer if t.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    return model.SerializeToString(), arrays
+
+
+def _read_int8(t, folder: Path, inside) -> np.ndarray:
+    shape = tuple(t.dims)
+    if not t.external_data:
+        return np.frombuffer(t.raw_data, np.uint8).reshape(shape).copy()
+    ext = {e.key: e.value for e in t.external_data}
+    path = inside(folder, ext["location"])
+    count = int(np.prod(shape))
+    return np.fromfile(path, np.uint8, count=count, offset=int(ext.get("offset", 0))).reshape(shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# emulation of MLAS's two integer paths (tests and benchmarks)
+
+
+@dataclass(frozen=True)
+class CpuClass:
+    name: str
+    machine: str
+    flags: frozenset[str]
+    saturating_u8s8: bool  # MLAS multiplies u8 x s8 with vpmaddubsw (int16 pair sums, saturating)
+
+
+# Every CPU class ONNX Runtime's MLAS dispatches int8 GEMMs for, with representative flags.
+CPU_CLASSES = (
+    CpuClass("x86-64 AVX2 (no VNNI)", "x86_64", frozenset({"avx2"}), True),
+    CpuClass("x86-64 AVX512BW (no VNNI)", "x86_64", frozenset({"avx2", "avx512bw"}), True),
+    CpuClass("x86-64 AVX-VNNI", "x86_64", frozenset({"avx2", "avx_vnni"}), False),
+    CpuClass("x86-64 AVX512-VNNI", "x86_64", frozenset({"avx2", "avx512bw", "avx512_vnni"}), False),
+    CpuClass("x86-64 AMX", "x86_64", frozenset({"avx2", "avx512bw", "avx512_vnni", "amx_int8"}), False),
+    CpuClass("ARM64 NEON", "aarch64", frozenset({"asimd"}), False),
+    CpuClass("ARM64 dotprod/i8mm", "aarch64", frozenset({"asimd", "asimddp", "i8mm"}), False),
+)
+
+
+def quantize_activations(a: np.ndarray) -> tuple[np.ndarray, float, int]:
+    """DynamicQuantizeMatMul's activation quantization: uint8, per tensor, range including 0."""
+    lo, hi = min(float(a.min()), 0.0), max(float(a.max()), 0.0)
+    scale = (hi - lo) / 255.0 if hi > lo else 1.0
+    zp = int(np.clip(np.rint(-lo / scale), 0, 255))
+    q = np.clip(np.rint(a / np.float32(scale)) + zp, 0, 255).astype(np.int32)
+    return q, scale, zp
+
+
+def emulate_matmul(
+    a: np.ndarray, b: np.ndarray, b_zp: int, b_scale: np.ndarray, saturating: bool, rows: int = 64
+) -> tuple[np.ndarray, int]:
+    """One DynamicQuantizeMatMul in integers as MLAS does it: ``a`` float (M, K), ``b`` the stored
+    weight bytes as int (K, N) (int8 values, or uint8 with ``b_zp``). With ``saturating`` the
+    kernel's inner products are summed in int16 pairs along K with saturation (vpmaddubsw), the zero
+    points corrected afterwards from row and column sums. -> (float32 output, saturated pairs)."""
+    qa, sa, za = quantize_activations(a)
+    m, k = qa.shape
+    if k % 2:
+        qa, b = np.pad(qa, ((0, 0), (0, 1))), np.pad(b, ((0, 1), (0, 0)))
+    bb = b.astype(np.int32).reshape(-1, 2, b.shape[1])  # (K/2, 2, N)
+    acc = np.empty((m, b.shape[1]), np.int64)
+    clipped = 0
+    for r in range(0, m, rows):
+        pa = qa[r : r + rows].reshape(-1, bb.shape[0], 2)  # (rows, K/2, 2)
+        pairs = np.einsum("mip,ipn->min", pa, bb)  # (rows, K/2, N) int32
+        if saturating:
+            clipped += int(((pairs > 32767) | (pairs < -32768)).sum())
+            pairs = np.clip(pairs, -32768, 32767)
+        acc[r : r + rows] = pairs.sum(axis=1, dtype=np.int64)
+    # sum (qa - za)(b - zb) = sum qa*b - za*colsum(b) - zb*rowsum(qa) + K*za*zb
+    acc -= za * b.astype(np.int64).sum(0)[None, :] + b_zp * qa.astype(np.int64).sum(1)[:, None]
+    acc += k * za * b_zp
+    return (acc * (sa * b_scale.astype(np.float64))[None, :]).astype(np.float32), clipped
+
+
+def encode_for(q: np.ndarray, encoding: str) -> tuple[np.ndarray, int]:
+    """int8 weight values -> (stored values as int, zero point) for the encoding."""
+    return (q.astype(np.int32) + 128, 128) if encoding == "u8" else (q.astype(np.int32), 0)
