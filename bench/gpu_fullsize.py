@@ -16,7 +16,8 @@ Memory per stage. The cap is torch.cuda.set_per_process_memory_fraction, which l
 allocator only. So each stage reports torch's ``max_memory_allocated`` and ``max_memory_reserved``,
 and at device level (torch.cuda.mem_get_info, sampled every 5 ms): ``device_drop``, free memory at
 the stage's start minus its lowest point, and ``device_used_peak``, total minus that lowest point,
-which includes the CUDA context, Triton's modules and anything else outside the allocator. The
+which includes the CUDA context, Triton's modules and anything else outside the allocator (and any
+other process on the GPU: the check's log shows nvidia-smi's memory.used before it starts). The
 7.5 GiB target is checked against ``device_used_peak``, the figure an 8 GiB card would see.
 Targets: every stage of an int8/fp8 run <= 7.5 GiB there; per step <= 0.6x diffusers bf16.
 The JSON is rewritten after every stage. ``--size small --device cpu`` runs the same code on a
@@ -148,6 +149,7 @@ class StageMemory:
             torch.cuda.reset_peak_memory_stats()
             self.free0, self.total = torch.cuda.mem_get_info()
             self.base = torch.cuda.memory_allocated()
+            self.retries = torch.cuda.memory_stats().get("num_alloc_retries", 0)
             self.min_free = self.free0
             self._stop = threading.Event()
             self._thread = threading.Thread(target=self._poll, daemon=True)
@@ -167,14 +169,14 @@ class StageMemory:
             self._stop.set()
             self._thread.join()
         self.min_free = min(self.min_free, torch.cuda.mem_get_info()[0])
-        stats = torch.cuda.memory_stats()
         self.result = {
             "allocated_peak": torch.cuda.max_memory_allocated(),
             "reserved_peak": torch.cuda.max_memory_reserved(),
             "device_drop": self.free0 - self.min_free,
             "device_used_peak": self.total - self.min_free,
             "allocated_at_start": self.base,
-            "alloc_retries": stats.get("num_alloc_retries", 0),
+            # the allocator freed its cache and retried: it ran into the cap
+            "alloc_retries": torch.cuda.memory_stats().get("num_alloc_retries", 0) - self.retries,
         }
         return False
 
@@ -402,11 +404,11 @@ def main(argv=None) -> int:
     rep.save()
 
     def stage(name: str, fn):
-        set_cap(device, int(a.cap_gib * GiB) if capped(name) else None)
         entry, result, t0 = {"capped": capped(name)}, None, time.perf_counter()
         mem = StageMemory(device)
         try:
-            with mem:
+            with mem:  # frees the previous stage's cache first, then the cap applies
+                set_cap(device, int(a.cap_gib * GiB) if capped(name) else None)
                 result = fn(entry)
         except Exception as e:  # keep going: the other stages' numbers still count
             entry["error"] = error_text(e)

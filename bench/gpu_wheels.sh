@@ -3,7 +3,7 @@
 # lacks into bench/wheels/ (ignored by git), for its Python 3.12 on manylinux x86_64. Copy that
 # folder along with the tree (a device call carries it); bench/gpu_check.sh installs it offline.
 #
-# Only diffusers (pure Python, about 5 MB): the GPU image (KINDS.md's package list, 2026-11-17) has
+# Only diffusers (pure Python, about 5 MB): the GPU image (its package list as read on 2026-11-17) has
 # every other package the check imports, and a second version of one it has breaks the install.
 # diffusers 0.42.1 requires filelock, huggingface-hub>=1.32,<3 (the image: 1.33), numpy, Pillow,
 # regex, requests, safetensors>=0.8 (the image: 0.8.0), all there, and importlib_metadata, which it

@@ -8,6 +8,7 @@ exporter and the quantizer all see one naming.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -101,8 +102,9 @@ def _safetensors_files(folder: Path) -> list[Path]:
         wm = _read_json(idx[0]).get("weight_map", {})
         files = []
         for rel in dict.fromkeys(wm.values()):
-            f = (folder / rel).resolve()
-            if folder.resolve() not in f.parents:
+            # lexically: in a Hugging Face cache snapshot every file is a symlink into blobs/
+            f = Path(os.path.normpath(folder.absolute() / rel))
+            if folder.absolute() not in f.parents:
                 raise UserError(f"{idx[0]}: shard path {rel!r} points outside the folder")
             if not f.is_file():
                 raise UserError(f"{folder}: shard {rel} listed in {idx[0].name} is missing")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 from .errors import UserError
@@ -76,9 +77,13 @@ def cmd_generate(args) -> int:
     if not out.parent.exists():
         raise UserError(f"{out.parent}: output folder does not exist")
     prompts = [args.prompt] if args.prompts is None else read_prompts(args.prompts)
+    if not all(p.strip() for p in prompts):
+        raise UserError("empty prompt: describe the image to draw")
     if args.num_images < 1:
         raise UserError(f"--num-images must be >= 1, got {args.num_images}")
     n = len(prompts) * args.num_images
+    if args.noise and n > 1:
+        raise UserError("--noise sets the latents of one image; use --seed for several")
     outs = [out] if n == 1 else [out.with_name(f"{out.stem}-{i + 1:04d}.png") for i in range(n)]
     opts = {}
     if args.vram_budget:
@@ -89,6 +94,7 @@ def cmd_generate(args) -> int:
         from .lora import parse_lora_arg
 
         opts["loras"] = [parse_lora_arg(x) for x in args.lora]
+    opts.update(revision=getattr(args, "revision", None), progress=not args.quiet)  # demo: no --revision
     pipe = Pipeline.load(
         args.model, backend=args.backend, device=args.device, components=args.components, **opts
     )
@@ -156,6 +162,7 @@ def cmd_plan(args) -> int:
     opts = {"precision": args.precision} if args.backend in ("auto", "torch") else {}
     if args.vram_budget:
         opts["vram_budget"] = args.vram_budget
+    opts.update(revision=args.revision, progress=not args.quiet)
     pipe = Pipeline.load(
         args.model, backend=args.backend, device=args.device, components=args.components, **opts
     )
@@ -169,10 +176,11 @@ def cmd_plan(args) -> int:
 
 def cmd_bench(args) -> int:
     from .benchmark import print_summary, run_bench
+    from .checkpoint import resolve_model
 
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="auraflow-edge-bench-"))
     res = run_bench(
-        args.model,
+        str(resolve_model(args.model, args.revision, progress=not args.quiet)),
         [p.strip() for p in args.precisions.split(",") if p.strip()],
         args.steps,
         args.height,
@@ -250,15 +258,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="text to image", parents=[common])
     g.add_argument(
-        "model", help="diffusers folder, single .safetensors file, cached hub id, or engine folder"
+        "model",
+        help="diffusers folder, single .safetensors file, hub id (downloaded when not cached), or engine folder",
     )
     _add_generation_args(g)
+    g.add_argument("--revision", help="hub ids: branch, tag or commit hash (default: main)")
     g.set_defaults(fn=cmd_generate)
 
     bn = sub.add_parser(
         "bench", help="latency, memory and fidelity per precision vs diffusers", parents=[common]
     )
-    bn.add_argument("model", help="diffusers AuraFlow folder")
+    bn.add_argument("model", help="diffusers AuraFlow folder or hub id")
+    bn.add_argument("--revision", help="hub ids: branch, tag or commit hash (default: main)")
     bn.add_argument("--precisions", default="fp32,fp16,int8,fp8,int4", help="comma-separated")
     bn.add_argument("--steps", type=int, default=5, help="sampling steps per run")
     bn.add_argument("--height", type=int, default=512, help="pixels")
@@ -288,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pl.add_argument("--device", default="auto", help="auto | cpu | cuda")
     pl.add_argument("--components", help="pipeline folder with tokenizer/text_encoder/vae for a single file")
+    pl.add_argument("--revision", help="hub ids: branch, tag or commit hash (default: main)")
     pl.set_defaults(fn=cmd_plan)
 
     d = sub.add_parser(
@@ -300,13 +312,22 @@ def build_parser() -> argparse.ArgumentParser:
     from . import cli_export
 
     cli_export.add_commands(sub)
+    from . import cli_hub
+
+    cli_hub.add_commands(sub)
     return ap
+
+
+def _warn_line(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ap = build_parser()
     args = ap.parse_args(argv)
+    if not args.debug:
+        warnings.showwarning = _warn_line  # one line each, no source lines
     try:
         return args.fn(args)
     except UserError as e:

@@ -22,6 +22,7 @@ def cmd_build(args) -> int:
         calibration_prompts=args.calibration_prompts,
         loras=_loras(args),
         components=args.components,
+        revision=args.revision,
         force=args.force,
         quiet=args.quiet,
         command="auraflow-edge " + shlex.join(sys.argv[1:]),
@@ -119,6 +120,7 @@ def add_commands(sub) -> None:
     b = sub.add_parser("build", help="export a model to an engine folder", parents=[common])
     b.add_argument("model", help="diffusers folder, single .safetensors file or hub id")
     b.add_argument("-o", "--output", required=True, help="engine folder to write")
+    b.add_argument("--revision", help="hub ids: branch, tag or commit hash (default: main)")
     b.add_argument(
         "--backend",
         default="onnxruntime",

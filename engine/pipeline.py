@@ -171,6 +171,8 @@ class Pipeline:
             raise UserError("no prompt given")
         if not isinstance(num_images, int) or num_images < 1:
             raise UserError(f"number of images must be an integer >= 1, got {num_images!r}")
+        if any(not isinstance(p, str) or not p.strip() for p in prompts):
+            raise UserError("empty prompt: describe the image to draw")
         jobs = [p for p in prompts for _ in range(num_images)]
         if noise is not None and len(jobs) > 1:
             raise UserError("--noise sets the latents of one image; use --seed for several")

@@ -33,6 +33,22 @@ DTYPES = {
 _NAMES = {v: k for k, v in DTYPES.items()}
 
 
+def _check_entry(path: Path, key: str, e) -> None:
+    """One header entry: a known dtype, a shape of non-negative ints, offsets that hold it exactly."""
+    bad = f"{path}: tensor {key!r} has a malformed header entry"
+    if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= e.keys():
+        raise UserError(f"{bad} (needs dtype, shape, data_offsets)")
+    if e["dtype"] not in DTYPES:
+        raise UserError(f"{path}: tensor {key!r} has unsupported dtype {e['dtype']!r}")
+    shape, offs = e["shape"], e["data_offsets"]
+    ints = lambda xs: isinstance(xs, list) and all(type(x) is int and x >= 0 for x in xs)  # noqa: E731
+    if not ints(shape) or not ints(offs) or len(offs) != 2 or offs[0] > offs[1]:
+        raise UserError(f"{bad} (shape {shape!r}, data_offsets {offs!r})")
+    want = int(np.prod(shape, dtype=np.int64)) * DTYPES[e["dtype"]].itemsize
+    if offs[1] - offs[0] != want:
+        raise UserError(f"{bad} (shape {shape} needs {want} bytes, offsets give {offs[1] - offs[0]})")
+
+
 class SafetensorsFile:
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -47,9 +63,13 @@ class SafetensorsFile:
             raise UserError(f"{self.path}: file not found") from None
         except (ValueError, struct.error, UnicodeDecodeError) as e:
             raise UserError(f"{self.path}: not a safetensors file ({e})") from None
+        if not isinstance(header, dict):
+            raise UserError(f"{self.path}: not a safetensors file (header is not a JSON object)")
         self.metadata = header.pop("__metadata__", {}) or {}
         self.entries = header
         self.base = 8 + n
+        for key, e in header.items():
+            _check_entry(self.path, key, e)
         end = max((e["data_offsets"][1] for e in header.values()), default=0)
         if self.base + end > size:
             raise UserError(

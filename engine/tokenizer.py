@@ -8,6 +8,7 @@ come from the config (LlamaTokenizer's class default is left padding).
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,10 @@ from tokenizers.processors import TemplateProcessing
 from .errors import UserError
 
 MAX_LENGTH = 256
+
+
+class PromptTruncated(UserWarning):
+    """A prompt longer than the text window (the CLI prints it as one ``warning:`` line)."""
 
 
 def _token_str(v) -> str | None:
@@ -71,6 +76,14 @@ class TextTokenizer:
     def __call__(self, text: str) -> tuple[np.ndarray, np.ndarray]:
         """-> input_ids (1, max_length) int64, attention_mask (1, max_length) int64."""
         enc = self.tok.encode(text)
+        if enc.overflowing:  # as diffusers: keep the first max_length tokens, say what was dropped
+            dropped = self.tok.decode(enc.overflowing[0].ids, skip_special_tokens=True)
+            warnings.warn(
+                f"prompt truncated to the text encoder's {self.max_length} tokens; dropped: "
+                f"{dropped[:80]!r}{'...' if len(dropped) > 80 else ''}",
+                PromptTruncated,
+                stacklevel=2,
+            )
         ids = np.asarray([enc.ids], dtype=np.int64)
         mask = np.asarray([enc.attention_mask], dtype=np.int64)
         return ids, mask

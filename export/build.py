@@ -12,18 +12,19 @@ import json
 import logging
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 from ..engine.checkpoint import open_model
 from ..engine.errors import UserError
+from ..engine.hub import is_hub_id, snapshot
 from ..engine.lora import fingerprints, lora_records, lora_targets, with_loras
-from ..engine.manifest import MANIFEST, VERSION, Manifest, file_entry, write_manifest
+from ..engine.manifest import MANIFEST, VERSION, Manifest
 from ..engine.model_config import check_latent_size
 from ..engine.modulation import write_modulation_weights
 from ..engine.positions import write_position_table
+from .engine_folder import finish_folder
 from .onnx_export import OPSET, WeightPolicy, save_model, stream_weights
 
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "int8", "int4")
@@ -118,8 +119,8 @@ def build_engine(
     out: str | Path,
     backend: str = "onnxruntime",
     precision: str = "int8",
-    height: int = 1024,
-    width: int = 1024,
+    height: int | None = None,
+    width: int | None = None,
     int4_block: int = 64,
     components: str | None = None,
     force: bool = False,
@@ -129,8 +130,15 @@ def build_engine(
     act_quant: str | None = None,
     calibration_prompts: int = 8,
     loras=None,
+    revision: str | None = None,
     **trt_options,
 ) -> Path:
+    hub = {}
+    if is_hub_id(model):  # fetched once, here; every later step reads the cached snapshot
+        snap = snapshot(model, revision, progress=not quiet)
+        model, hub = str(snap.folder), snap.record()
+    elif revision is not None:
+        raise UserError(f"{model}: --revision applies to hub ids (org/name), not to local paths")
     if backend == "tensorrt":
         from .tensorrt_build import build_tensorrt
 
@@ -150,22 +158,39 @@ def build_engine(
     if backend != "onnxruntime":
         raise UserError(f"unknown build backend {backend!r}; choose onnxruntime or tensorrt")
     from ..engine.pipeline import check_size
+    from .engine_folder import build_lock
 
-    check_size(height, width)
     out = Path(out)
     if not out.parent.exists():
         raise UserError(f"{out.parent}: folder does not exist")
     mf = with_loras(open_model(model, components), loras)  # read and checked before any export
+    # An ONNX Runtime engine serves every size the positional grid covers: the size given (or the
+    # model's default) is only the tracing sample and the calibration size, not part of the engine.
+    height, width = _default_size(mf, height, width)
+    check_size(height, width)
     check_latent_size(mf.transformer_cfg, height // 8, width // 8)
+    calib = {"act_quant": act_quant, "prompts": calibration_prompts, "side": min(512, height, width)}
     build_key = _build_key(
         mf,
         backend,
         precision,
         policies(precision, backend, int4_block, ort_int8),
-        height,
-        width,
-        extra={"act_quant": act_quant, "calibration_prompts": calibration_prompts} if act_quant else None,
+        None,
+        None,
+        extra=calib if act_quant else None,
     )
+    with build_lock(out) as tmp:
+        return _build_ort(
+            model, out, tmp, mf, build_key, precision, height, width, int4_block, components, force,
+            quiet, command, ort_int8, act_quant, calibration_prompts, loras, hub,
+        )  # fmt: skip
+
+
+def _build_ort(
+    model, out, tmp, mf, build_key, precision, height, width, int4_block, components, force, quiet,
+    command, ort_int8, act_quant, calibration_prompts, loras, hub,
+) -> Path:  # fmt: skip
+    backend = "onnxruntime"
     if (out / MANIFEST).exists() and not force:
         try:
             old = Manifest.load(out)
@@ -178,43 +203,34 @@ def build_engine(
         raise UserError(f"{out} already holds a different engine; pass --force to replace it")
     if out.exists() and not (out / MANIFEST).exists() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not an engine folder; choose another -o")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.build-", dir=out.parent))
-    try:
-        data = export_onnx_folder(
-            model,
-            tmp,
-            backend,
-            precision,
-            height,
-            width,
-            int4_block,
-            components,
-            quiet,
-            ort_int8=ort_int8,
-            act_quant=act_quant,
-            calibration_prompts=calibration_prompts,
-            loras=loras,
-        )
-        if act_quant:
-            data["build_key"] = build_key
-        data["command"] = command
-        finish_folder(tmp, out, data)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    data = export_onnx_folder(
+        model,
+        tmp,
+        backend,
+        precision,
+        height,
+        width,
+        int4_block,
+        components,
+        quiet,
+        ort_int8=ort_int8,
+        act_quant=act_quant,
+        calibration_prompts=calibration_prompts,
+        loras=loras,
+    )
+    data["build_key"] = build_key
+    data["command"] = command
+    data["source"].update(hub)  # a hub id: the id, the revision asked for and its commit
+    finish_folder(tmp, out, data)
     if not quiet:
         print(f"engine written to {out}", file=sys.stderr)
     return out
 
 
-def finish_folder(tmp: Path, out: Path, data: dict) -> None:
-    """Checksum every file of the assembled folder into its manifest, then move it into place."""
-    files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file() and p.name != MANIFEST)
-    data["files"] = {f: file_entry(tmp, f) for f in files}
-    write_manifest(tmp, data)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+def _default_size(mf, height: int | None, width: int | None) -> tuple[int, int]:
+    """Missing sides come from the checkpoint, as diffusers does (sample_size x VAE scale factor)."""
+    dh, dw = mf.default_size()
+    return height or dh, width or dw
 
 
 def _build_key(mf, backend, precision, pol, height, width, extra=None) -> str:

@@ -242,8 +242,8 @@ def refit_engine(
     data["loras"], data["lora_targets"] = lora_records(merged.weights), lora_targets(merged.weights)
     q = m["quantization"]
     pol = {k: _policy(v) for k, v in q.items()}
-    tr = m.component("transformer")
-    data["build_key"] = _build_key(merged, "tensorrt", m["precision"], pol, tr["height"], tr["width"])
+    h, w = entry["shapes"][0]  # the shape the build traced at (build_tensorrt: the first shape set)
+    data["build_key"] = _build_key(merged, "tensorrt", m["precision"], pol, h, w)
     data["refit_command"] = command
     files = dict(data["files"])
     root = folder.resolve()

@@ -63,9 +63,12 @@ def test_sharded_folder_with_index(tiny_dir, tmp_path):
 
 
 def test_uncached_hub_id_is_a_clear_error(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(UserError, match="not in the local Hugging Face cache"):
+    import huggingface_hub.constants as c
+
+    # huggingface_hub reads HF_HUB_CACHE / HF_HUB_OFFLINE at import: patch what it read
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    with pytest.raises(UserError, match="not in the local Hugging Face cache.*auraflow-edge download"):
         open_model("fal/AuraFlow-v0.3")
 
 
@@ -81,6 +84,7 @@ def test_cached_hub_id_resolves(tiny_dir, monkeypatch, tmp_path):
     import huggingface_hub.constants as c
 
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
     mf = open_model("fal/AuraFlow-tiny")
     assert mf.transformer_cfg == open_model(tiny_dir).transformer_cfg
 

@@ -76,10 +76,10 @@ def repo_files(tiny_dir: Path, proj_out_scale: float = 1.0) -> dict[str, bytes]:
         files[f"transformer/{hname}"] = save(_half({k: tr[k] for k in part}))
         plain_map |= {k: name for k in part}
         half_map |= {k: hname for k in part}
-    files["transformer/diffusion_pytorch_model.safetensors.index.json"] = json.dumps({"weight_map": plain_map}).encode()
-    files["transformer/diffusion_pytorch_model.safetensors.index.fp16.json"] = json.dumps(
-        {"weight_map": half_map}
-    ).encode()
+    for name, wm in (("index.json", plain_map), ("index.fp16.json", half_map)):
+        size = sum(len(files[f"transformer/{f}"]) for f in set(wm.values()))
+        index = {"metadata": {"total_size": size}, "weight_map": wm}
+        files[f"transformer/diffusion_pytorch_model.safetensors.{name}"] = json.dumps(index).encode()
     for f in ("vae/diffusion_pytorch_model", "text_encoder/model"):
         files[f + ".fp16.safetensors"] = save(_half(load_file(tiny_dir / (f + ".safetensors"))))
     files["aura_flow_0.3.safetensors"] = save({"model.positional_encoding": np.zeros((1, 256, 8), np.float32)})
@@ -136,7 +136,7 @@ class FakeHub:
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(body)
-                hub.log.append((self.command, logged or self.path, dict(self.headers.items()), status))
+                hub.log.append((self.command, logged or self.path, {k.lower(): v for k, v in self.headers.items()}, status))
 
             def error(self, status, code, extra=None):
                 self.reply(status, json.dumps({"error": code}).encode(), {"X-Error-Code": code, **(extra or {})})
@@ -201,7 +201,7 @@ class FakeHub:
                     self.wfile.flush()
                     self.connection.shutdown(socket.SHUT_RDWR)
                     self.close_connection = True
-                    hub.log.append((self.command, path, dict(self.headers.items()), -1))
+                    hub.log.append((self.command, path, {k.lower(): v for k, v in self.headers.items()}, -1))
                     return
                 self.reply(206 if start else 200, data[start:], head, logged=path)
 
@@ -308,7 +308,7 @@ def test_hub_id_round_trip(hub, tiny_dir):
     # online and cached: one call to resolve the revision, no file requests
     hub.log.clear()
     Pipeline.load(REPO, progress=False)
-    assert [(m, p) for m, p, _, _ in hub.log] == [("GET", f"/api/models/{REPO}/revision/main")]
+    assert [(m, p) for m, p, _, _ in hub.log] == [("GET", f"/api/models/{REPO}")]
 
 
 def test_revision(hub, tiny_dir, monkeypatch):
@@ -363,7 +363,7 @@ def test_missing_private_and_unreachable(hub, monkeypatch):
     hub.log.clear()
     assert files_in(snapshot("fal/private-tiny", progress=False).folder) == NEEDED
     auth = {p: h.get("authorization") for _, p, h, _ in hub.log}
-    assert auth["/api/models/fal/private-tiny/revision/main"] == "Bearer hf_test"
+    assert auth["/api/models/fal/private-tiny"] == "Bearer hf_test"
     assert auth["model_index.json"] == "Bearer hf_test" and auth[SHARDS[0]] is None
     # nothing listens on the endpoint
     with socket.socket() as s:
@@ -406,10 +406,34 @@ def test_interrupted_download_resumes(hub, monkeypatch):
     assert (snap.folder / SHARDS[0]).read_bytes() == hub.repos[REPO]["commits"][snap.commit][SHARDS[0]]
     # a run that fails part-way keeps what it finished; the next run fetches only the rest
     hub.fail.add(SHARDS[1])
+    hub.log.clear()
     with pytest.raises(UserError, match=f"{REPO} at revision 'v1': download interrupted .*run the same command again"):
         snapshot(REPO, revision="v1", progress=False)
-    first = [p for m, p, _, st in hub.log if m == "GET" and st == 200]
+    first = [p for m, p, _, st in hub.log if m == "GET" and st == 200 and not p.startswith("/")]
     hub.log.clear()
     v1 = snapshot(REPO, revision="v1", progress=False)
     assert files_in(v1.folder) == NEEDED
     assert SHARDS[1] in hub.gets() and not set(hub.gets()) & set(first)
+
+
+def test_cli_download_uses_the_environment(hub, tmp_path):
+    # only the environment here (HF_ENDPOINT, HF_HOME): what a user's shell would set
+    r = run_cli("--quiet", "download", REPO, "--revision", "v1")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    folder = Path(r.stdout.strip())
+    assert folder == tmp_path / "hf" / "hub" / "models--fal--AuraFlow-tiny" / "snapshots" / hub.sha(REPO, "v1")
+    assert files_in(folder) == NEEDED
+    # progress: huggingface_hub's bars (TQDM_POSITION=-1 forces them on without a terminal)
+    r = run_cli("download", REPO, env={"TQDM_POSITION": "-1"})
+    assert r.returncode == 0, r.stderr
+    assert "Fetching" in r.stderr and f"commit {hub.sha(REPO, 'main')}" in r.stderr
+
+
+def test_build_fetches_the_revision_asked_for(hub, tiny_dir, tmp_path):
+    from auraflow_edge.export.build import build_engine
+
+    with pytest.raises(UserError, match=f"{REPO}: no revision 'v9'"):
+        build_engine(REPO, tmp_path / "e", precision="fp32", revision="v9", quiet=True)
+    with pytest.raises(UserError, match="applies to hub ids"):
+        build_engine(str(tiny_dir), tmp_path / "e", precision="fp32", revision="v1", quiet=True)
+    assert not (tmp_path / "e").exists() and hub.gets() == []

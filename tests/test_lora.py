@@ -1,5 +1,6 @@
 """LoRA: diffusers parity, every file layout, every precision, switching, engine builds, refit, bad files."""
 
+import copy
 import json
 import sys
 import types
@@ -225,7 +226,14 @@ def test_switching_reads_and_quantizes_nothing(tiny_dir, loras, tiny_noise, monk
 
     reads, quantized = [], []
     real_read, real_q = SafetensorsFile.read, torch_quant.quantize_weight
-    monkeypatch.setattr(SafetensorsFile, "read", lambda self, k: reads.append(k) or real_read(self, k))
+    base_file = tiny_dir / "transformer" / "diffusion_pytorch_model.safetensors"
+
+    def read(self, k):
+        if self.path == base_file:  # base weights only (LoRA files are read on every switch)
+            reads.append(k)
+        return real_read(self, k)
+
+    monkeypatch.setattr(SafetensorsFile, "read", read)
     monkeypatch.setattr(torch_quant, "quantize_weight", lambda *a, **k: quantized.append(1) or real_q(*a, **k))
     gen = {**GEN, "steps": 2}
     pipe = Pipeline.load(tiny_dir, precision="int8", keep_resident=True, loras=[loras["a"]])
@@ -320,26 +328,32 @@ def _fake_tensorrt(all_names, missing):
     return trt, calls
 
 
-@pytest.mark.parametrize("precision", ["int8", "int4"])
-def test_tensorrt_refit_writes_what_a_build_writes(tiny_dir, loras, tmp_path, monkeypatch, precision):
-    """Refit from LoRA a to LoRA b: the folder ends byte-identical to an export with b, and the
-    Refitter gets exactly the changed initializers (TensorRT itself is faked: UNVERIFIED)."""
+def test_tensorrt_refit_writes_what_a_build_writes(tiny_dir, loras, tmp_path, monkeypatch):
+    """Refit from LoRA a to LoRA b and back: the folder ends byte-identical to an export with b, then
+    with a, and the Refitter gets exactly the changed initializers (int4: packed weights, block
+    scales). TensorRT itself is faked: the calls into it are UNVERIFIED."""
+    from auraflow_edge.engine.lora import folded_names
     from auraflow_edge.engine.manifest import Manifest
     from auraflow_edge.export import tensorrt_build
-    from auraflow_edge.engine.lora import folded_names
-    from auraflow_edge.export.build import (
-        _build_key,
-        _source_fingerprint,
-        export_transformer,
-        finish_folder,
-        policies,
-    )
+    from auraflow_edge.export.build import _build_key, _source_fingerprint, export_transformer, policies
+    from auraflow_edge.export.engine_folder import finish_folder
     from auraflow_edge.export.tensorrt_refit import data_locations, refit_engine
 
+    from auraflow_edge.export import components
+
+    traced = {}
+    real_trace = components.trace_transformer
+
+    def trace_once(*args, **kw):  # both exports trace the same graph: trace it once (time)
+        if "g" not in traced:
+            traced["g"] = real_trace(*args, **kw)
+        proto, rename = traced["g"]
+        return copy.deepcopy(proto), rename
+
+    monkeypatch.setattr(components, "trace_transformer", trace_once)
     mf = open_model(tiny_dir)
-    pol = policies(precision, "tensorrt", 16)
+    pol = policies("int4", "tensorrt", 16)
     a, b = [(str(loras["a"]), 1.0)], [(str(loras["b"]), 0.5)]
-    built = {}
     for name, specs in (("e", a), ("ref", b)):
         tmp = tmp_path / f"{name}.tmp"
         tmp.mkdir()
@@ -348,7 +362,7 @@ def test_tensorrt_refit_writes_what_a_build_writes(tiny_dir, loras, tmp_path, mo
         (tmp / "transformer.plan").write_bytes(b"plan built with a")
         data = {  # what build_tensorrt records (the fields the refit reads)
             "backend": "tensorrt",
-            "precision": precision,
+            "precision": "int4",
             "quantization": {k: asdict(v) for k, v in pol.items()},
             "source": {"model": str(tiny_dir), "fingerprint": _source_fingerprint(mf)},
             "transformer_config": mf.transformer_cfg.to_dict(),
@@ -357,11 +371,12 @@ def test_tensorrt_refit_writes_what_a_build_writes(tiny_dir, loras, tmp_path, mo
             "loras": mfl.weights.loras.records(),
             "lora_targets": sorted(mfl.weights.loras.targets),
             "engines": {"gpu-sm90-trt10.99": {"gpu": "GPU", "compute_capability": [9, 0], "tensorrt": "10.99",
-                        "refittable": True, "components": {"transformer": {"file": "transformer.plan"}}}},
+                        "refittable": True, "shapes": [[64, 96]],
+                        "components": {"transformer": {"file": "transformer.plan"}}}},
         }  # fmt: skip
         finish_folder(tmp, tmp_path / name, data)
-        built[name] = tmp_path / name
-    e, ref = built["e"], built["ref"]
+    e, ref = tmp_path / "e", tmp_path / "ref"
+    built_with_a = {f: (e / f).read_bytes() for f in ("transformer.onnx.data", "modulation.safetensors")}
     where = data_locations(e / "transformer.onnx")
     missing = sorted(n for n in where if n.startswith("m.single_transformer_blocks.1.attn.to_v"))
     trt, calls = _fake_tensorrt(where, missing)
@@ -370,11 +385,11 @@ def test_tensorrt_refit_writes_what_a_build_writes(tiny_dir, loras, tmp_path, mo
     targets_a = set(Manifest.load(e)["lora_targets"])
     refit_engine(e, b, quiet=True)
 
-    for f in ("transformer.onnx.data", "modulation.safetensors"):
+    for f in built_with_a:
         assert (e / f).read_bytes() == (ref / f).read_bytes(), f
     m = Manifest.load(e, verify=True)
     assert m["loras"] == Manifest.load(ref)["loras"] and m["lora_targets"] == Manifest.load(ref)["lora_targets"]
-    assert m["build_key"] == _build_key(with_loras(mf, b), "tensorrt", precision, pol, 64, 96)
+    assert m["build_key"] == _build_key(with_loras(mf, b), "tensorrt", "int4", pol, 64, 96)
     assert (e / "transformer.plan").read_bytes() == b"refitted plan 1"
     # the Refitter got every initializer of every linear either LoRA touches (folded ones excepted),
     # plus what it reported missing, each with the bytes of the export with LoRA b
@@ -385,13 +400,10 @@ def test_tensorrt_refit_writes_what_a_build_writes(tiny_dir, loras, tmp_path, mo
     for n, raw in calls["set"].items():
         _, _, path, off, length = ref_where[n]
         assert raw == path.read_bytes()[off : off + length], n
-    refit_engine(e, [], quiet=True)  # no LoRA: the base model's weights
-    assert Manifest.load(e, verify=True)["loras"] == []
-    base_tr = (tmp_path / "base.tmp")
-    base_tr.mkdir()
-    export_transformer(mf, base_tr, pol["transformer"], 64, 96)
-    for f in ("transformer.onnx.data", "modulation.safetensors"):
-        assert (e / f).read_bytes() == (base_tr / f).read_bytes(), f
+    refit_engine(e, a, quiet=True)  # and back: b's targets return to the base, a's are merged again
+    for f, raw in built_with_a.items():
+        assert (e / f).read_bytes() == raw, f
+    assert Manifest.load(e, verify=True)["loras"][0]["scale"] == 1.0
 
 
 def _bad_lora(tiny_dir, loras, tmp_path, what):
