@@ -16,6 +16,7 @@ always looks incomplete. We ask with our own list of needed files, which diffuse
 from __future__ import annotations
 
 import glob
+import importlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,7 +88,7 @@ def select_files(files: list[str], variant: str | None = None, repo_id: str = ""
             has = f"only {', '.join(only)} variant copies" if only else "no safetensors weights"
             raise UserError(
                 f"{repo_id}: {comp}/ has {has}; pickle checkpoints are never loaded and the torch "
-                "backend needs the full-precision files"
+                "backend reads the plain (non-variant) files"
             )
         out += [f"{comp}/{n}" for n in weights[pick]]
     return sorted(out)
@@ -146,7 +147,6 @@ def snapshot(
 ) -> HubSnapshot:
     """The local snapshot of ``repo_id`` at ``revision`` holding what the pipeline needs, downloaded
     first when it is not complete in the cache (offline: found in the cache or a clear error)."""
-    import httpx2
     from huggingface_hub import HfApi, constants, snapshot_download
     from huggingface_hub import errors as hfe
 
@@ -170,7 +170,10 @@ def snapshot(
                 f"{not_cached} and HF_HUB_OFFLINE is set; fetch it first with "
                 f"`{download_command(repo_id, revision)}` where the hub can be reached"
             ) from None
-        raise UserError(f"{not_cached} and the hub at {constants.ENDPOINT} cannot be reached ({_why(e)})") from None
+        raise UserError(
+            f"{not_cached} and the hub at {constants.ENDPOINT} cannot be reached ({_why(e)}); "
+            "check the network or HF_ENDPOINT"
+        ) from None
     except hfe.GatedRepoError:
         raise UserError(
             f"{repo_id}: a gated model; accept its terms on the model page, then set HF_TOKEN "
@@ -178,13 +181,15 @@ def snapshot(
         ) from None
     except hfe.RepositoryNotFoundError:
         raise UserError(
-            f"{repo_id}: no such model on {constants.ENDPOINT}, or it is private and HF_TOKEN is unset "
-            "or has no access; check the id"
+            f"{repo_id}: not a local path, and no such model on {constants.ENDPOINT} (or it is private "
+            "and HF_TOKEN is unset or has no access); check the path or the id"
         ) from None
     except hfe.RevisionNotFoundError:
         raise UserError(f"{repo_id}: no revision {revision!r} on {constants.ENDPOINT}") from None
-    except (hfe.HfHubHTTPError, httpx2.TransportError) as e:
-        raise UserError(f"{not_cached} and the hub at {constants.ENDPOINT} failed ({_why(e)})") from None
+    except (hfe.HfHubHTTPError, *_transport_errors()) as e:
+        raise UserError(
+            f"{not_cached} and the hub at {constants.ENDPOINT} failed ({_why(e)}); try again later"
+        ) from None
 
     if folder is None:
         try:
@@ -196,12 +201,23 @@ def snapshot(
                     tqdm_class=None if progress else _quiet_bar(),
                 )
             )
-        except (hfe.HfHubHTTPError, hfe.LocalEntryNotFoundError, httpx2.TransportError, OSError) as e:
+        except (hfe.HfHubHTTPError, OSError, *_transport_errors()) as e:
             raise UserError(
                 f"{where}: download interrupted ({_why(e)}); run the same command again to resume "
                 "(finished files are kept in the cache)"
             ) from None
     return HubSnapshot(repo_id, rev.initial or constants.DEFAULT_REVISION, rev.resolved, folder)
+
+
+def _transport_errors() -> tuple[type[Exception], ...]:
+    """Connection errors of the HTTP client huggingface_hub uses: httpx2 from 2.x, httpx in 1.x."""
+    out = []
+    for name in ("httpx2", "httpx"):
+        try:
+            out.append(importlib.import_module(name).TransportError)
+        except ImportError:
+            pass
+    return tuple(out)
 
 
 def _quiet_bar():

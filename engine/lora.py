@@ -190,7 +190,9 @@ def _open(path: Path) -> tuple[Path, SafetensorsFile]:
                 path = path / name
                 break
         else:
-            raise UserError(f"{path}: a folder without pytorch_lora_weights.safetensors or adapter_model.safetensors")
+            raise UserError(
+                f"{path}: a folder without pytorch_lora_weights.safetensors or adapter_model.safetensors"
+            )
     if not path.is_file():
         raise UserError(f"{path}: LoRA file not found")
     try:
@@ -210,7 +212,11 @@ def read_lora(path: str | Path, scale: float, mf: ModelFolder) -> LoraFile:
     """Read and check one adapter against the model; a UserError names every key that does not fit."""
     path, sf = _open(Path(path))
     meta = _peft_metadata(sf)
-    if sf.path.name == "adapter_model.safetensors" and not meta and (sf.path.parent / "adapter_config.json").is_file():
+    if (
+        sf.path.name == "adapter_model.safetensors"
+        and not meta
+        and (sf.path.parent / "adapter_config.json").is_file()
+    ):
         meta = json.loads((sf.path.parent / "adapter_config.json").read_text())
     if meta.get("use_dora"):
         raise UserError(f"{path}: a DoRA adapter (use_dora); only plain LoRA is supported")
@@ -230,7 +236,9 @@ def read_lora(path: str | Path, scale: float, mf: ModelFolder) -> LoraFile:
         )
     other = [k for k in keys if _UNSUPPORTED.search(k)]
     if other:
-        raise UserError(f"{path}: LyCORIS / LoCon / bias / diff tensors are not supported ({_name_some(other)})")
+        raise UserError(
+            f"{path}: LyCORIS / LoCon / bias / diff tensors are not supported ({_name_some(other)})"
+        )
 
     dotted, underscored = _module_maps(mf.transformer_cfg)
     parts: dict[str, dict] = {}
@@ -263,7 +271,13 @@ def read_lora(path: str | Path, scale: float, mf: ModelFolder) -> LoraFile:
             bad.append(f"{e['module']} has integer factors ({down.dtype}, {up.dtype})")
             continue
         out_f, in_f = mf.weights.shape(name)
-        if down.ndim != 2 or up.ndim != 2 or down.shape[1] != in_f or up.shape[0] != out_f or up.shape[1] != down.shape[0]:
+        if (
+            down.ndim != 2
+            or up.ndim != 2
+            or down.shape[1] != in_f
+            or up.shape[0] != out_f
+            or up.shape[1] != down.shape[0]
+        ):
             bad.append(
                 f"{e['module']}: down {tuple(down.shape)} / up {tuple(up.shape)} do not fit "
                 f"({out_f}, {in_f}) as (r, {in_f}) / ({out_f}, r)"

@@ -48,7 +48,12 @@ def _torch_dtype(name: str):
 
 
 def trace_transformer(
-    cfg: AuraFlowConfig, height: int, width: int, act_dtype: str = "fp32", attention_plugin: bool = False
+    cfg: AuraFlowConfig,
+    height: int,
+    width: int,
+    act_dtype: str = "fp32",
+    attention_plugin: bool = False,
+    dynamic_size: bool = True,
 ):
     """Weightless graph of the folded transformer: (latents, context, modulation, pos) -> velocity,
     batch 1-2 and every latent size the positional grid covers (``height``/``width``: trace sample).
@@ -83,6 +88,10 @@ def trace_transformer(
         tensorrt_plugin.install(model.m)
         table = tensorrt_plugin.translation_table()
     batch = torch.export.Dim("batch", min=1, max=2)
+    if not dynamic_size:  # one size baked in (bench/runtime_use.py compares against it)
+        dyn = {"latents": {0: batch}, "context": {0: batch}, "modulation": None, "pos": None}
+        proto = trace(model, args, TRANSFORMER.inputs, TRANSFORMER.outputs, dyn, table)
+        return proto, (lambda n: n[2:] if n.startswith("m.") else n)
     # patch rows / columns: any size the positional grid covers (sample size only for the trace)
     rows, cols = (torch.export.Dim(n, min=2, max=cfg.grid) for n in ("rows", "cols"))
     p = cfg.patch_size

@@ -307,10 +307,11 @@ def build_tensorrt(
         if key in m.get("engines", {}):
             from ..engine.lora import fingerprints, requested
 
-            if fingerprints(m.get("loras", [])) != requested(loras):
+            same_refit = bool(m["engines"][key].get("refittable")) == refittable
+            if fingerprints(m.get("loras", [])) != requested(loras) or not same_refit:
                 raise UserError(
-                    f"{out} holds engines built with other LoRAs; pass --force to rebuild, or swap them "
-                    "with `auraflow-edge refit` if it was built --refittable"
+                    f"{out} holds engines built with other LoRAs or another --refittable; pass --force to "
+                    "rebuild (or swap LoRAs with `auraflow-edge refit` if it was built --refittable)"
                 )
             if not quiet:
                 print(f"{out}: already has engines for {key}; reusing them", file=sys.stderr)

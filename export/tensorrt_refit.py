@@ -154,21 +154,27 @@ def refit_engine(
     folder = Path(engine_dir)
     m = Manifest.load(folder)
     if m.get("backend") != "tensorrt":
-        raise UserError(f"{folder}: not a TensorRT engine folder; ONNX Runtime engines take LoRAs at `build --lora`")
+        raise UserError(
+            f"{folder}: not a TensorRT engine folder; ONNX Runtime engines take LoRAs at `build --lora`"
+        )
     if m.get("calibration"):
         raise UserError(
             f"{folder}: built with --act-quant, whose smoothing and activation scales depend on the weights; "
             "rebuild with --lora instead of refitting"
         )
     if len(m.get("engines", {})) != 1:
-        raise UserError(f"{folder}: holds engines for several GPUs; a refit would leave the others stale: rebuild")
+        raise UserError(
+            f"{folder}: holds engines for several GPUs; a refit would leave the others stale: rebuild"
+        )
     trt = _require_tensorrt()
     from ..engine.tensorrt_backend import select_engine
 
     gpu, cc = gpu_identity()
     key, entry = select_engine(m, gpu, cc, trt.__version__)
     if not entry.get("refittable"):
-        raise UserError(f"{folder}: the engines were not built --refittable; rebuild with --refittable --lora ...")
+        raise UserError(
+            f"{folder}: the engines were not built --refittable; rebuild with --refittable --lora ..."
+        )
     mf = open_model(model or m["source"]["model"], components)
     if _source_fingerprint(mf) != m["source"]["fingerprint"]:
         raise UserError(
@@ -253,5 +259,8 @@ def refit_engine(
     data["files"] = files
     write_manifest(folder, data)
     if not quiet:
-        print(f"{folder}: refit {key} with {len(data['loras'])} LoRA(s), {len(names)} weights changed", file=sys.stderr)
+        print(
+            f"{folder}: refit {key} with {len(data['loras'])} LoRA(s), {len(names)} weights changed",
+            file=sys.stderr,
+        )
     return folder

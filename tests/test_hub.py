@@ -71,7 +71,10 @@ def repo_files(tiny_dir: Path, proj_out_scale: float = 1.0) -> dict[str, bytes]:
     keys = sorted(tr)
     plain_map, half_map = {}, {}
     for i, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2 :]), 1):
-        name, hname = SHARDS[i - 1].split("/")[1], f"diffusion_pytorch_model.fp16-{i:05d}-of-00002.safetensors"
+        name, hname = (
+            SHARDS[i - 1].split("/")[1],
+            f"diffusion_pytorch_model.fp16-{i:05d}-of-00002.safetensors",
+        )
         files[f"transformer/{name}"] = save({k: tr[k] for k in part})
         files[f"transformer/{hname}"] = save(_half({k: tr[k] for k in part}))
         plain_map |= {k: name for k in part}
@@ -82,7 +85,9 @@ def repo_files(tiny_dir: Path, proj_out_scale: float = 1.0) -> dict[str, bytes]:
         files[f"transformer/diffusion_pytorch_model.safetensors.{name}"] = json.dumps(index).encode()
     for f in ("vae/diffusion_pytorch_model", "text_encoder/model"):
         files[f + ".fp16.safetensors"] = save(_half(load_file(tiny_dir / (f + ".safetensors"))))
-    files["aura_flow_0.3.safetensors"] = save({"model.positional_encoding": np.zeros((1, 256, 8), np.float32)})
+    files["aura_flow_0.3.safetensors"] = save(
+        {"model.positional_encoding": np.zeros((1, 256, 8), np.float32)}
+    )
     files["vae/diffusion_pytorch_model.bin"] = b"\x80\x04 a pickle, never fetched"
     files["text_encoder/flax_model.msgpack"] = b"flax, never fetched"
     files["README.md"] = b"---\nlicense: apache-2.0\n---\n# tiny\n"
@@ -136,10 +141,19 @@ class FakeHub:
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(body)
-                hub.log.append((self.command, logged or self.path, {k.lower(): v for k, v in self.headers.items()}, status))
+                hub.log.append(
+                    (
+                        self.command,
+                        logged or self.path,
+                        {k.lower(): v for k, v in self.headers.items()},
+                        status,
+                    )
+                )
 
             def error(self, status, code, extra=None):
-                self.reply(status, json.dumps({"error": code}).encode(), {"X-Error-Code": code, **(extra or {})})
+                self.reply(
+                    status, json.dumps({"error": code}).encode(), {"X-Error-Code": code, **(extra or {})}
+                )
 
             def do_HEAD(self):
                 self.do_GET()
@@ -168,7 +182,10 @@ class FakeHub:
                     info = {"id": repo_id, "sha": sha, "private": repo["private"], "siblings": sib}
                     return self.reply(200, json.dumps(info).encode(), {"Content-Type": "application/json"})
                 if api and rest[0] == "tree":
-                    tree = [{"type": "file", "oid": _git_oid(d), "size": len(d), "path": f} for f, d in files.items()]
+                    tree = [
+                        {"type": "file", "oid": _git_oid(d), "size": len(d), "path": f}
+                        for f, d in files.items()
+                    ]
                     return self.reply(200, json.dumps(tree).encode(), {"Content-Type": "application/json"})
                 if rest[0] != "resolve":
                     return self.error(404, "NotFound")
@@ -179,7 +196,10 @@ class FakeHub:
                 if path.endswith(".safetensors"):  # LFS: redirect to the CDN, metadata on the redirect
                     digest = hashlib.sha256(data).hexdigest()
                     port = self.server.server_address[1]
-                    head |= {"Location": f"http://localhost:{port}/cdn/{digest}", "X-Linked-Etag": f'"{digest}"'}
+                    head |= {
+                        "Location": f"http://localhost:{port}/cdn/{digest}",
+                        "X-Linked-Etag": f'"{digest}"',
+                    }
                     return self.reply(302, b"", head | {"X-Linked-Size": str(len(data))})
                 self.reply(200, data, head, logged=path)
 
@@ -221,7 +241,9 @@ def fake_hub(tiny_dir):
     hub.add(REPO, "v1", repo_files(tiny_dir, proj_out_scale=0.5))  # an older commit, tagged
     hub.add(REPO, "main", repo_files(tiny_dir))
     hub.add("fal/private-tiny", "main", repo_files(tiny_dir), private=True)
-    hub.add("fal/pickles", "main", {"model_index.json": b"{}", "vae/config.json": b"{}", "vae/x.bin": b"\x80"})
+    hub.add(
+        "fal/pickles", "main", {"model_index.json": b"{}", "vae/config.json": b"{}", "vae/x.bin": b"\x80"}
+    )
     hub.start()
     yield hub
     hub.server.shutdown()
@@ -242,13 +264,22 @@ def hub(fake_hub, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", fake_hub.url)
     monkeypatch.setenv("HF_HOME", str(home))
     monkeypatch.setattr(constants, "ENDPOINT", fake_hub.url)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", fake_hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(
+        constants, "HUGGINGFACE_CO_URL_TEMPLATE", fake_hub.url + "/{repo_id}/resolve/{revision}/{filename}"
+    )
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(hf_api.api, "endpoint", fake_hub.url)  # the HfApi behind huggingface_hub.model_info
     fake_hub.reset()
     return fake_hub
+
+
+def _dead_endpoint() -> str:
+    """An address nothing listens on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
 
 
 def offline(monkeypatch):
@@ -276,7 +307,9 @@ def test_only_the_files_the_pipeline_needs(hub):
     snap = snapshot(REPO, progress=False)
     assert snap.revision == "main" and snap.commit == hub.sha(REPO, "main")
     assert files_in(snap.folder) == NEEDED
-    assert sorted(hub.gets()) == NEEDED  # the root single file, fp16 copies, pickle, flax, README: never asked for
+    assert (
+        sorted(hub.gets()) == NEEDED
+    )  # the root single file, fp16 copies, pickle, flax, README: never asked for
     # a variant only when asked; files it already has are not fetched again
     hub.log.clear()
     snap = snapshot(REPO, variant="fp16", progress=False)
@@ -289,11 +322,22 @@ def test_selection_rules():
     with pytest.raises(UserError, match="vae/ has only fp16 variant copies"):
         select_files(files)
     assert "vae/diffusion_pytorch_model.fp16.safetensors" in select_files(files, "fp16")
-    legacy = ["model_index.json", "transformer/config.json", "transformer/diffusion_pytorch_model.safetensors"]
+    legacy = [
+        "model_index.json",
+        "transformer/config.json",
+        "transformer/diffusion_pytorch_model.safetensors",
+    ]
     legacy += ["transformer/diffusion_pytorch_model-00001-of-00002.fp16.safetensors"]
-    legacy += ["transformer/diffusion_pytorch_model.safetensors.fp16.index.json", "transformer/onnx/model.onnx"]
+    legacy += [
+        "transformer/diffusion_pytorch_model.safetensors.fp16.index.json",
+        "transformer/onnx/model.onnx",
+    ]
     assert select_files(legacy) == ["model_index.json", "transformer/config.json", legacy[2]]
-    assert select_files(legacy, "fp16") == ["model_index.json", "transformer/config.json", *sorted(legacy[3:5])]
+    assert select_files(legacy, "fp16") == [
+        "model_index.json",
+        "transformer/config.json",
+        *sorted(legacy[3:5]),
+    ]
     with pytest.raises(UserError, match="not a diffusers pipeline"):
         select_files(["aura_flow_0.3.safetensors"], repo_id="fal/single")
 
@@ -326,12 +370,18 @@ def test_revision(hub, tiny_dir, monkeypatch):
     assert snapshot(REPO, revision="v1").folder == v1.folder
 
 
-def test_offline_and_cached_makes_no_request(hub, tiny_dir, monkeypatch):
+def test_offline_or_unreachable_and_cached(hub, tiny_dir, monkeypatch):
+    from huggingface_hub import constants
+
     snapshot(REPO, progress=False)
+    cfg = open_model(tiny_dir).transformer_cfg
+    monkeypatch.setattr(constants, "ENDPOINT", _dead_endpoint())  # online, the hub down: the cache serves
+    assert open_model(REPO).transformer_cfg == cfg
     offline(monkeypatch)
+    monkeypatch.setattr(constants, "ENDPOINT", hub.url)
     hub.log.clear()
-    assert open_model(REPO).transformer_cfg == open_model(tiny_dir).transformer_cfg
-    assert hub.log == []
+    assert open_model(REPO).transformer_cfg == cfg
+    assert hub.log == []  # offline: no request at all
 
 
 def test_offline_and_not_cached_is_one_line(hub, tmp_path):
@@ -349,7 +399,7 @@ def test_offline_and_not_cached_is_one_line(hub, tmp_path):
 def test_missing_private_and_unreachable(hub, monkeypatch):
     from huggingface_hub import constants
 
-    with pytest.raises(UserError, match=f"fal/nope: no such model on {hub.url}") as e:
+    with pytest.raises(UserError, match=f"fal/nope: not a local path, and no such model on {hub.url}") as e:
         snapshot("fal/nope")
     assert "\n" not in str(e.value)
     with pytest.raises(UserError, match="vae/ has no safetensors weights"):
@@ -365,12 +415,10 @@ def test_missing_private_and_unreachable(hub, monkeypatch):
     auth = {p: h.get("authorization") for _, p, h, _ in hub.log}
     assert auth["/api/models/fal/private-tiny"] == "Bearer hf_test"
     assert auth["model_index.json"] == "Bearer hf_test" and auth[SHARDS[0]] is None
-    # nothing listens on the endpoint
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
-    monkeypatch.setattr(constants, "ENDPOINT", dead)
-    with pytest.raises(UserError, match=f"{REPO}: not in the local Hugging Face cache .* cannot be reached") as e:
+    monkeypatch.setattr(constants, "ENDPOINT", _dead_endpoint())
+    with pytest.raises(
+        UserError, match=f"{REPO}: not in the local Hugging Face cache .* cannot be reached"
+    ) as e:
         snapshot(REPO)
     assert "\n" not in str(e.value)
 
@@ -407,7 +455,9 @@ def test_interrupted_download_resumes(hub, monkeypatch):
     # a run that fails part-way keeps what it finished; the next run fetches only the rest
     hub.fail.add(SHARDS[1])
     hub.log.clear()
-    with pytest.raises(UserError, match=f"{REPO} at revision 'v1': download interrupted .*run the same command again"):
+    with pytest.raises(
+        UserError, match=f"{REPO} at revision 'v1': download interrupted .*run the same command again"
+    ):
         snapshot(REPO, revision="v1", progress=False)
     first = [p for m, p, _, st in hub.log if m == "GET" and st == 200 and not p.startswith("/")]
     hub.log.clear()
@@ -421,7 +471,9 @@ def test_cli_download_uses_the_environment(hub, tmp_path):
     r = run_cli("--quiet", "download", REPO, "--revision", "v1")
     assert r.returncode == 0 and r.stderr == "", r.stderr
     folder = Path(r.stdout.strip())
-    assert folder == tmp_path / "hf" / "hub" / "models--fal--AuraFlow-tiny" / "snapshots" / hub.sha(REPO, "v1")
+    assert folder == tmp_path / "hf" / "hub" / "models--fal--AuraFlow-tiny" / "snapshots" / hub.sha(
+        REPO, "v1"
+    )
     assert files_in(folder) == NEEDED
     # progress: huggingface_hub's bars (TQDM_POSITION=-1 forces them on without a terminal)
     r = run_cli("download", REPO, env={"TQDM_POSITION": "-1"})

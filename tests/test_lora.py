@@ -11,6 +11,7 @@ import pytest
 import safetensors.numpy
 import torch
 from conftest import GEN
+from PIL import Image
 
 from auraflow_edge.engine.checkpoint import _original_names, open_model
 from auraflow_edge.engine.cli import main
@@ -54,7 +55,15 @@ def loras(tiny_dir, tmp_path_factory):
         1,
         r=4,
         lora_alpha=6,
-        target_modules=["to_q", "add_q_proj", "to_out.0", "linear_1", "norm1.linear", "norm_out.linear", "proj_out"],
+        target_modules=[
+            "to_q",
+            "add_q_proj",
+            "to_out.0",
+            "linear_1",
+            "norm1.linear",
+            "norm_out.linear",
+            "proj_out",
+        ],
     )
     # b: other linears, rsLoRA scaling, per-module rank and alpha patterns
     b = _peft_lora(
@@ -91,7 +100,11 @@ def _ours(loras, case):
 
 def _inputs():
     g = torch.Generator().manual_seed(0)
-    return torch.randn(2, 4, 8, 12, generator=g), torch.randn(2, 7, 32, generator=g), torch.tensor([0.83, 0.3])
+    return (
+        torch.randn(2, 4, 8, 12, generator=g),
+        torch.randn(2, 7, 32, generator=g),
+        torch.tensor([0.83, 0.3]),
+    )
 
 
 @pytest.mark.parametrize("case", CASES, ids=["a", "a@0.5", "a+b@0.7"])
@@ -128,6 +141,32 @@ def test_images_match_diffusers_while_switching(tiny_dir, loras, diffusers_pipe,
         assert np.abs(np.asarray(res.image, int) - np.asarray(want, int)).max() <= 1
         assert np.linalg.norm(res.latents - base) > 0.1 * np.linalg.norm(base)  # the LoRA changes the result
         assert [r["scale"] for r in res.parameters["loras"]] == [s for _, s in case]
+
+
+def test_generate_cli_with_loras(tiny_dir, loras, tmp_path, tiny_noise):
+    from auraflow_edge.engine.image import read_parameters
+
+    np.save(tmp_path / "noise.npy", tiny_noise)
+    out = tmp_path / "o.png"
+    args = [
+        "--quiet",
+        "generate",
+        str(tiny_dir),
+        "--prompt",
+        GEN["prompt"],
+        "--negative-prompt",
+        GEN["negative_prompt"],
+    ]
+    args += ["--steps", "4", "--height", "64", "--width", "96", "--noise", str(tmp_path / "noise.npy")]
+    assert main(args + ["--lora", f"{loras['a']}:0.5", "--lora", str(loras["b"]), "-o", str(out)]) == 0
+    want = Pipeline.load(tiny_dir, loras=[(loras["a"], 0.5), (loras["b"], 1.0)]).generate(
+        **GEN, noise=tiny_noise
+    )
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(want.image))
+    assert [(r["file"], r["scale"]) for r in read_parameters(out)["loras"]] == [
+        ("pytorch_lora_weights.safetensors", 0.5),
+        ("pytorch_lora_weights.safetensors", 1.0),
+    ]
 
 
 def _convert(src, dst, layout):
@@ -234,7 +273,9 @@ def test_switching_reads_and_quantizes_nothing(tiny_dir, loras, tiny_noise, monk
         return real_read(self, k)
 
     monkeypatch.setattr(SafetensorsFile, "read", read)
-    monkeypatch.setattr(torch_quant, "quantize_weight", lambda *a, **k: quantized.append(1) or real_q(*a, **k))
+    monkeypatch.setattr(
+        torch_quant, "quantize_weight", lambda *a, **k: quantized.append(1) or real_q(*a, **k)
+    )
     gen = {**GEN, "steps": 2}
     pipe = Pipeline.load(tiny_dir, precision="int8", keep_resident=True, loras=[loras["a"]])
     first = pipe.generate(**gen, noise=tiny_noise).image
@@ -255,12 +296,14 @@ def test_switching_reads_and_quantizes_nothing(tiny_dir, loras, tiny_noise, monk
     assert np.array_equal(np.asarray(pipe.generate(**gen, noise=tiny_noise).image), np.asarray(base))
 
 
-def test_onnx_runtime_build_merges_before_quantization(tiny_dir, loras, tmp_path, tiny_noise):
+def test_onnx_runtime_build_merges_before_quantization(tiny_dir, loras, tmp_path, tiny_noise, capsys):
     from auraflow_edge.engine.manifest import Manifest, sha256_file
     from auraflow_edge.export.build import build_engine
 
     specs = [(str(loras["a"]), 0.5), (str(loras["b"]), 1.0)]
-    e = build_engine(str(tiny_dir), tmp_path / "e", precision="int8", height=64, width=96, quiet=True, loras=specs)
+    e = build_engine(
+        str(tiny_dir), tmp_path / "e", precision="int8", height=64, width=96, quiet=True, loras=specs
+    )
     m = Manifest.load(e, verify=True)
     assert [(r["sha256"], r["scale"]) for r in m["loras"]] == [(sha256_file(p), s) for p, s in specs]
     assert "joint_transformer_blocks.0.norm1.linear.weight" in m["lora_targets"]
@@ -279,6 +322,9 @@ def test_onnx_runtime_build_merges_before_quantization(tiny_dir, loras, tmp_path
             build_engine(str(tiny_dir), e, precision="int8", height=64, width=96, quiet=True, loras=other)
     with pytest.raises(UserError, match="merged at build time"):
         Pipeline.load(e, loras=specs)
+    assert main(["refit", str(e), "--lora", str(loras["a"])]) != 0
+    err = capsys.readouterr().err
+    assert "not a TensorRT engine folder" in err and err.count("\n") == 1
 
 
 def _fake_tensorrt(all_names, missing):
@@ -334,12 +380,10 @@ def test_tensorrt_refit_writes_what_a_build_writes(tiny_dir, loras, tmp_path, mo
     scales). TensorRT itself is faked: the calls into it are UNVERIFIED."""
     from auraflow_edge.engine.lora import folded_names
     from auraflow_edge.engine.manifest import Manifest
-    from auraflow_edge.export import tensorrt_build
+    from auraflow_edge.export import components, tensorrt_build
     from auraflow_edge.export.build import _build_key, _source_fingerprint, export_transformer, policies
     from auraflow_edge.export.engine_folder import finish_folder
     from auraflow_edge.export.tensorrt_refit import data_locations, refit_engine
-
-    from auraflow_edge.export import components
 
     traced = {}
     real_trace = components.trace_transformer
@@ -388,7 +432,9 @@ def test_tensorrt_refit_writes_what_a_build_writes(tiny_dir, loras, tmp_path, mo
     for f in built_with_a:
         assert (e / f).read_bytes() == (ref / f).read_bytes(), f
     m = Manifest.load(e, verify=True)
-    assert m["loras"] == Manifest.load(ref)["loras"] and m["lora_targets"] == Manifest.load(ref)["lora_targets"]
+    assert (
+        m["loras"] == Manifest.load(ref)["loras"] and m["lora_targets"] == Manifest.load(ref)["lora_targets"]
+    )
     assert m["build_key"] == _build_key(with_loras(mf, b), "tensorrt", "int4", pol, 64, 96)
     assert (e / "transformer.plan").read_bytes() == b"refitted plan 1"
     # the Refitter got every initializer of every linear either LoRA touches (folded ones excepted),
@@ -404,6 +450,29 @@ def test_tensorrt_refit_writes_what_a_build_writes(tiny_dir, loras, tmp_path, mo
     for f, raw in built_with_a.items():
         assert (e / f).read_bytes() == raw, f
     assert Manifest.load(e, verify=True)["loras"][0]["scale"] == 1.0
+
+
+def test_tensorrt_rebuild_with_other_loras_is_not_a_reuse(tiny_dir, loras, tmp_path, monkeypatch):
+    from auraflow_edge.engine.lora import load_loras
+    from auraflow_edge.export import tensorrt_build
+    from auraflow_edge.export.engine_folder import finish_folder
+
+    trt, _ = _fake_tensorrt([], [])
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setattr(tensorrt_build, "gpu_identity", lambda: ("GPU", (9, 0)))
+    (tmp_path / "t.tmp").mkdir()
+    recs = load_loras([(loras["a"], 0.5)], open_model(tiny_dir)).records()
+    finish_folder(tmp_path / "t.tmp", tmp_path / "t", {"backend": "tensorrt", "loras": recs,
+                  "engines": {"gpu-sm90-trt10.99": {"gpu": "GPU", "compute_capability": [9, 0]}}})  # fmt: skip
+    e = tmp_path / "t"
+    assert tensorrt_build.build_tensorrt(str(tiny_dir), e, loras=[(loras["a"], 0.5)], quiet=True) == e
+    for other in ([(loras["a"], 1.0)], [(loras["b"], 0.5)], None):
+        with pytest.raises(UserError, match="other LoRAs"):
+            tensorrt_build.build_tensorrt(str(tiny_dir), e, loras=other, quiet=True)
+    with pytest.raises(UserError, match="--refittable"):
+        tensorrt_build.build_tensorrt(
+            str(tiny_dir), e, loras=[(loras["a"], 0.5)], refittable=True, quiet=True
+        )
 
 
 def _bad_lora(tiny_dir, loras, tmp_path, what):
