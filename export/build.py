@@ -22,7 +22,7 @@ from ..engine.hub import is_hub_id, snapshot
 from ..engine.lora import fingerprints, lora_records, lora_targets, with_loras
 from ..engine.manifest import MANIFEST, VERSION, Manifest
 from ..engine.model_config import check_latent_size
-from ..engine.modulation import write_modulation_weights
+from ..engine.modulation import modulation_format, write_modulation_weights
 from ..engine.positions import write_position_table
 from .engine_folder import finish_folder
 from .onnx_export import OPSET, WeightPolicy, save_model, stream_weights
@@ -405,7 +405,8 @@ def export_transformer(
     )
     save_model(proto, folder / "transformer.onnx")
     prog.say("writing the folded modulation weights and the positional table")
-    nb = write_modulation_weights(cfg, mf.weights, folder / "modulation.safetensors")
+    mod_fmt = modulation_format(policy.fmt)
+    nb = write_modulation_weights(cfg, mf.weights, folder / "modulation.safetensors", mod_fmt)
     npos = write_position_table(mf.weights, folder / "positions.safetensors")
     return {
         "transformer": {
@@ -419,6 +420,6 @@ def export_transformer(
             "weight_bytes": st.bytes_written,
             "bytes_by_format": st.by_format,
         },
-        "modulation": {"file": "modulation.safetensors", "weight_bytes": nb},
+        "modulation": {"file": "modulation.safetensors", "weight_bytes": nb, "format": mod_fmt},
         "positions": {"file": "positions.safetensors", "weight_bytes": npos},
     }
