@@ -124,8 +124,8 @@ def add_commands(sub) -> None:
     b.add_argument(
         "--backend",
         default="onnxruntime",
-        choices=["onnxruntime", "tensorrt"],
-        help="runtime the engine is for",
+        choices=["onnxruntime", "tensorrt", "torch"],
+        help="runtime the engine is for (torch: quantized once, int8 / fp8 / int4, for the torch backend)",
     )
     b.add_argument("--precision", default="int8", help="fp32 | fp16 | bf16 | fp8 | int8 | int4")
     b.add_argument(

@@ -67,6 +67,12 @@ class Result:
     plan: object = None
 
 
+def _engine_backend(folder: Path) -> str:
+    from .manifest import Manifest
+
+    return Manifest.load(folder)["backend"]
+
+
 class Pipeline:
     """Holds a stage factory (``text_encoder()``, ``transformer()``, ``vae()``) from one backend."""
 
@@ -97,8 +103,8 @@ class Pipeline:
         path = resolve_model(path, revision, progress)  # a hub id: found in or fetched into the HF cache
         p = Path(path)
         is_engine = (p / "manifest.json").is_file()
-        if backend == "auto":
-            backend = "onnxruntime" if is_engine else "torch"
+        if backend == "auto":  # an engine folder runs on the backend it was built for
+            backend = _engine_backend(p) if is_engine else "torch"
         if backend in ("onnxruntime", "tensorrt"):
             if not is_engine:
                 raise UserError(
@@ -120,8 +126,6 @@ class Pipeline:
                 stages = TensorRTStages(p, **backend_options)
             tok = TextTokenizer(stages.tokenizer_dir)
             return cls(stages, tok, stages.cfg, stages.shift, {"backend": backend, **stages.describe()})
-        if is_engine:
-            raise UserError(f"{path}: an engine folder runs on --backend onnxruntime or tensorrt, not torch")
         from .torch_backend import TorchStages
 
         stages = TorchStages(

@@ -220,16 +220,42 @@ def sizes_from_manifest(m) -> ModelSizes:
 BYTES_PER_PARAM = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0, "int4": 0.5 + 4 / 64}
 
 
-def sizes_from_model(mf, precision: str, device: str) -> ModelSizes:
-    """A checkpoint on the torch backend: quantized runs keep the modulation on the CPU."""
+def sizes_from_model(mf, precision: str, device: str, transformer_bytes: int | None = None) -> ModelSizes:
+    """A checkpoint on the torch backend: quantized runs keep the modulation on the CPU.
+    ``transformer_bytes``: the transformer as a torch engine folder holds it (already quantized)."""
     import json
 
+    act = "fp32" if device == "cpu" else "bf16"
+    if transformer_bytes is None:
+        tr, by_prec = _transformer_bytes(mf, precision, act)
+    else:
+        tr, by_prec = transformer_bytes, {precision: transformer_bytes}
+    te_dir, vae_dir = mf.component("text_encoder"), mf.component("vae")
+    te_cfg = json.loads((te_dir / "config.json").read_text())
+    vae_cfg = json.loads((vae_dir / "config.json").read_text())
+    te_params = sum(f.stat().st_size for f in te_dir.glob("*.safetensors")) / _stored_bytes(te_cfg)
+    vae_params = sum(f.stat().st_size for f in vae_dir.glob("*.safetensors")) / _stored_bytes(vae_cfg)
+    return ModelSizes(
+        cfg=mf.transformer_cfg,
+        transformer_weights=int(tr),
+        text_encoder_weights=int(te_params * BYTES_PER_PARAM[act]),
+        text_dims=(te_cfg.get("d_model", 2048), te_cfg.get("d_ff", 5120), te_cfg.get("num_heads", 32)),
+        vae_weights=int(vae_params * 4),
+        vae_channels=int(vae_cfg.get("block_out_channels", [128])[0]),
+        act_bytes=4 if act == "fp32" else 2,
+        fused_attention=device != "cpu",
+        overhead=TORCH_STAGE_OVERHEAD + (TORCH_CPU_LIBRARIES if device == "cpu" else 0),
+        transformer_weights_by_precision=by_prec,
+    )
+
+
+def _transformer_bytes(mf, precision: str, act: str) -> tuple[int, dict]:
+    """Resident transformer bytes of a checkpoint at a precision, and at every precision."""
     from .modulation import modulation_names
 
     cfg = mf.transformer_cfg
     folded = set(modulation_names(cfg)) | {n for n in mf.weights.names() if n.startswith("time_step_proj.")}
     quant = precision in ("int8", "fp8", "int4")
-    act = "fp32" if device == "cpu" else "bf16"
     float_b = BYTES_PER_PARAM[precision if not quant else act]
     n_lin = n_rest = n_mod = 0
     for n in mf.weights.names():
@@ -251,23 +277,7 @@ def sizes_from_model(mf, precision: str, device: str) -> ModelSizes:
         n_lin * BYTES_PER_PARAM[precision] + n_rest * float_b if quant else (n_lin + n_rest + n_mod) * float_b
     )
     by_prec = {p: int(n_lin * b + n_rest * 2) for p, b in BYTES_PER_PARAM.items()}
-    te_dir, vae_dir = mf.component("text_encoder"), mf.component("vae")
-    te_cfg = json.loads((te_dir / "config.json").read_text())
-    vae_cfg = json.loads((vae_dir / "config.json").read_text())
-    te_params = sum(f.stat().st_size for f in te_dir.glob("*.safetensors")) / _stored_bytes(te_cfg)
-    vae_params = sum(f.stat().st_size for f in vae_dir.glob("*.safetensors")) / _stored_bytes(vae_cfg)
-    return ModelSizes(
-        cfg=cfg,
-        transformer_weights=int(tr),
-        text_encoder_weights=int(te_params * BYTES_PER_PARAM[act]),
-        text_dims=(te_cfg.get("d_model", 2048), te_cfg.get("d_ff", 5120), te_cfg.get("num_heads", 32)),
-        vae_weights=int(vae_params * 4),
-        vae_channels=int(vae_cfg.get("block_out_channels", [128])[0]),
-        act_bytes=4 if act == "fp32" else 2,
-        fused_attention=device != "cpu",
-        overhead=TORCH_STAGE_OVERHEAD + (TORCH_CPU_LIBRARIES if device == "cpu" else 0),
-        transformer_weights_by_precision=by_prec,
-    )
+    return int(tr), by_prec
 
 
 def _stored_bytes(cfg: dict) -> int:

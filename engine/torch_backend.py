@@ -158,6 +158,31 @@ class TorchVAEDecoder:
         release(self.device)
 
 
+def _torch_engine(path):
+    from pathlib import Path
+
+    from .manifest import MANIFEST, Manifest
+
+    if not (Path(path) / MANIFEST).is_file():
+        return None
+    m = Manifest.load(path)
+    if m["backend"] != "torch":
+        raise UserError(f"{path}: engine was built for {m['backend']}; run it with --backend {m['backend']}")
+    return m
+
+
+def _engine_model(m) -> ModelFolder:
+    """A torch engine folder seen as a model folder: its transformer file (linears pre-quantized)
+    and its copied text encoder, VAE, tokenizer and scheduler."""
+    from .checkpoint import WeightSource
+    from .model_config import AuraFlowConfig
+
+    f = m.path(m.component("transformer")["file"])
+    sf = SafetensorsFile(f)
+    src = WeightSource(files={str(f): sf}, index={k: (str(f), k, False) for k in sf.keys()})
+    return ModelFolder(m.folder, AuraFlowConfig(**m["transformer_config"]), src, m.folder)
+
+
 class TorchStages(StageSet):
     def __init__(
         self,
@@ -174,7 +199,20 @@ class TorchStages(StageSet):
             raise UserError(
                 f"unknown precision {precision!r}; choose auto, fp32, bf16, fp16, int8, fp8 or int4"
             )
-        self.mf = open_model(path, components)
+        self.engine = _torch_engine(path)  # a folder from `build --backend torch`, or None
+        if self.engine is not None:
+            built = self.engine["precision"]
+            if precision not in ("auto", built):
+                raise UserError(f"{path}: a {built} engine (its precision is fixed when it is built)")
+            if loras:
+                raise UserError(
+                    f"{path}: LoRAs on a torch engine folder are not supported; run the checkpoint "
+                    "with --lora, or build an ONNX Runtime / TensorRT engine with --lora"
+                )
+            precision = built
+            self.mf = _engine_model(self.engine)
+        else:
+            self.mf = open_model(path, components)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device_name = device
@@ -237,8 +275,12 @@ class TorchStages(StageSet):
             else:
                 from .torch_quant import QuantTorchTransformer
 
-                tr = QuantTorchTransformer(self.mf, self.precision, self.device, DTYPES[fp])
-            attach(tr, self.loras, self.mf.weights.read)
+                block = self.engine["int4_block"] if self.engine is not None else 64
+                tr = QuantTorchTransformer(
+                    self.mf, self.precision, self.device, DTYPES[fp], block, engine=self.engine
+                )
+            if self.engine is None:  # an engine folder takes no LoRA (refused above)
+                attach(tr, self.loras, self.mf.weights.read)
             return tr
         return TorchVAEDecoder(self.mf.component("vae"), fp, self.device_name)
 
@@ -261,7 +303,8 @@ class TorchStages(StageSet):
     def sizes(self):
         from .planner import sizes_from_model
 
-        return sizes_from_model(self.mf, self.precision, self.device.type)
+        held = self.engine.component("transformer")["weight_bytes"] if self.engine is not None else None
+        return sizes_from_model(self.mf, self.precision, self.device.type, transformer_bytes=held)
 
     def free_memory(self) -> tuple[int, int]:
         """(budget default: what the device has free, baseline already in use)."""

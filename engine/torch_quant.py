@@ -66,11 +66,16 @@ def quantize_weight(w: torch.Tensor, fmt: str, block: int = 64):
 class QuantizedLinear(nn.Module):
     """y = x @ dequant(W)^T; int8/fp8: W8A8 with per-token activation scales; int4: weight-only."""
 
-    def __init__(self, fmt: str, w: torch.Tensor, dtype, use_kernels: bool, block: int = 64):
+    def __init__(
+        self, fmt: str, w: torch.Tensor | None, dtype, use_kernels: bool, block: int = 64, packed=None
+    ):
+        """``w`` float (N, K), quantized here; or ``packed`` = (w_q, w_s) as quantize_weight made them
+        (a torch engine folder), used as they are."""
         super().__init__()
         self.fmt, self.dtype, self.use_kernels, self.block = fmt, dtype, use_kernels, block
-        self.out_features, self.in_features = w.shape
-        w_q, w_s = quantize_weight(w, fmt, block)
+        w_q, w_s = quantize_weight(w, fmt, block) if packed is None else packed
+        self.out_features = w_s.shape[0]
+        self.in_features = w_q.shape[1] * (2 if fmt == "int4" else 1)
         self.register_buffer("w_q", w_q)
         self.register_buffer("w_s", w_s.float().contiguous())
 
@@ -138,9 +143,10 @@ def load_quantized_transformer(
 
 
 def build_quantized_transformer(
-    cfg, fmt: str, device: torch.device, dtype: torch.dtype, weight, int4_block: int = 64
+    cfg, fmt: str, device: torch.device, dtype: torch.dtype, weight, int4_block: int = 64, packed=None
 ):
-    """``weight(name) -> tensor`` supplies each parameter (a checkpoint, or random weights for benchmarks)."""
+    """``weight(name) -> tensor`` supplies each parameter (a checkpoint, or random weights for
+    benchmarks); ``packed(module name) -> (fmt, w_q, w_s) | None`` linears already quantized."""
     if fmt not in QUANT_PRECISIONS:
         raise UserError(f"unknown quantized precision {fmt!r}")
     if fmt == "fp8" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
@@ -155,9 +161,15 @@ def build_quantized_transformer(
     for name, mod in linears.items():
         if name + ".weight" in folded:
             continue
-        w = weight(name + ".weight")
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
+        pre = packed(name) if packed is not None else None
+        if pre is not None:
+            f, w_q, w_s = pre
+            new = QuantizedLinear(f, None, dtype, use_k, int4_block, packed=(w_q.to(device), w_s.to(device)))
+            _put(parent, attr, new)
+            continue
+        w = weight(name + ".weight")
         if any(k in name for k in KEEP_FLOAT) or (fmt == "int4" and w.shape[1] % int4_block):
             new = nn.Linear(w.shape[1], w.shape[0], bias=mod.bias is not None, device=device, dtype=dtype)
             with torch.no_grad():
@@ -167,10 +179,7 @@ def build_quantized_transformer(
         else:
             new = QuantizedLinear(fmt, w, dtype, use_k, int4_block)
         del w
-        if isinstance(parent, nn.ModuleList):
-            parent[int(attr)] = new
-        else:
-            setattr(parent, attr, new)
+        _put(parent, attr, new)
     for n, p in list(model.named_parameters()):
         if p.is_meta and n not in folded:
             mod_name, _, pname = n.rpartition(".")
@@ -221,16 +230,58 @@ def _install_kernels(model: nn.Module, qk_int8: bool) -> None:
             m.norm_modulate = nm
 
 
+def _put(parent: nn.Module, attr: str, new: nn.Module) -> None:
+    if isinstance(parent, nn.ModuleList):
+        parent[int(attr)] = new
+    else:
+        setattr(parent, attr, new)
+
+
+def _load_packed(mf, engine, fmt, device, dtype, int4_block):
+    """A torch engine folder's transformer: linears as stored (quantized), the rest as float."""
+    from ..engine.safetensors_io import SafetensorsFile
+
+    formats = engine.component("transformer")["formats"]
+    sf = SafetensorsFile(engine.path(engine.component("transformer")["file"]))
+
+    def tensor(key: str) -> torch.Tensor:
+        a = sf.read(key)
+        if a.dtype == qz.FP8:
+            return torch.from_numpy(a.view(np.uint8).copy()).view(torch.float8_e4m3fn)
+        if a.dtype.kind == "V" or a.dtype == np.float16:  # bf16 / fp16 parameters: float32 until placed
+            return torch.from_numpy(a.astype(np.float32))
+        return torch.from_numpy(a.copy())  # int8 / uint8 / float32 as stored
+
+    def weight(name: str) -> torch.Tensor:
+        return tensor(name).float().to(device)
+
+    def packed(name: str):
+        return (formats[name], tensor(name + ".w_q"), tensor(name + ".w_s")) if name in formats else None
+
+    return build_quantized_transformer(mf.transformer_cfg, fmt, device, dtype, weight, int4_block, packed)
+
+
 class QuantTorchTransformer:
     """Callable ``(latents, context, step) -> velocity``; the modulation table comes from the CPU."""
 
     def __init__(
-        self, mf: ModelFolder, fmt: str, device: torch.device, dtype: torch.dtype, int4_block: int = 64
+        self,
+        mf: ModelFolder,
+        fmt: str,
+        device: torch.device,
+        dtype: torch.dtype,
+        int4_block: int = 64,
+        engine=None,
     ):
+        """``engine``: a torch engine folder's Manifest; its linears are loaded as quantized."""
         self.cfg = mf.transformer_cfg
         self.device, self.dtype = device, dtype
-        self.model = load_quantized_transformer(mf, fmt, device, dtype, int4_block)
-        self.table = ModulationTable(self.cfg, read=mf.weights.read)
+        if engine is None:
+            self.model = load_quantized_transformer(mf, fmt, device, dtype, int4_block)
+            self.table = ModulationTable(self.cfg, read=mf.weights.read)
+        else:
+            self.model = _load_packed(mf, engine, fmt, device, dtype, int4_block)
+            self.table = ModulationTable(self.cfg, engine.path(engine.component("modulation")["file"]))
         self.mod: torch.Tensor | None = None
 
     def prepare(self, schedule: Schedule) -> None:

@@ -155,8 +155,14 @@ def build_engine(
             command=command,
             **trt_options,
         )
+    if backend == "torch":
+        from .torch_engine import build_torch_engine
+
+        return build_torch_engine(
+            model, out, precision, int4_block, components, force, quiet, command, loras, hub
+        )
     if backend != "onnxruntime":
-        raise UserError(f"unknown build backend {backend!r}; choose onnxruntime or tensorrt")
+        raise UserError(f"unknown build backend {backend!r}; choose onnxruntime, tensorrt or torch")
     from ..engine.pipeline import check_size
     from .engine_folder import build_lock
 
