@@ -1,14 +1,15 @@
 """Cost of a LoRA per denoising step on the torch backend, per precision: side branch vs merged.
 
-    python bench/lora_cost.py --precisions fp32,int8,int4 --ranks 16,64 --json /tmp/lora_cost.json
+    python bench/lora_cost.py --precisions fp32,bf16,int8,int4 --ranks 16,64 --json /tmp/lora_cost.json
 
 Random mid-size AuraFlow (hidden 768 = 3 x 256, 2 joint + 6 single blocks), one transformer call at
 CFG batch 2 with the modulation passed in (as the runtime does), a LoRA on every attention and
-feed-forward linear. Per precision: the median step without LoRA and with the unmerged side
-branches (the runtime's path: a switch installs the new factors). Float precisions also time the
-alternative, merging into the weights: no cost per step, but a switch costs an unmerge and a merge
-(a GEMM and a read-modify-write per weight), and in bf16/fp16 the unmerge does not give the base
-weights back (the drift is reported). Quantized precisions count quantizations during a switch.
+feed-forward linear. Per precision: the median step without LoRA and with side branches, measured
+alternately. Quantized precisions always run LoRAs as branches (a switch installs new factors;
+quantizations during it are counted). Float precisions load with the LoRAs merged (the step costs
+what the base step costs) and use branches only after a switch on a resident model; the
+alternative timed for them is switching by merging (unmerge a, merge b: a GEMM and a
+read-modify-write per weight), with the drift that unmerging leaves in the weights.
 """
 
 from __future__ import annotations

@@ -98,9 +98,6 @@ def cmd_generate(args) -> int:
     pipe = Pipeline.load(
         args.model, backend=args.backend, device=args.device, components=args.components, **opts
     )
-    if "auto" in pipe.info:
-        _log(args, pipe.info["auto"])
-    _log(args, f"{pipe.info.get('backend')} backend, {pipe.info.get('precision')}, {pipe.info.get('device')}")
     results = pipe.generate_many(
         prompts,
         num_images=args.num_images,
@@ -114,6 +111,7 @@ def cmd_generate(args) -> int:
         progress=not args.quiet,
         vram_budget=args.vram_budget,
         vae_tiles=args.vae_tiles,
+        announce=lambda line: _log(args, line),
     )
     for res, path in zip(results, outs):
         save_png(res.image, path, res.parameters)

@@ -12,12 +12,16 @@ does not fit (keys that match no linear, shapes that disagree, DoRA, text-encode
 whole with the offending keys named: never a partial apply.
 
 Two ways of applying, with the same numbers (``W + sum_i scale_i * B_i @ A_i``):
-- merged per weight as it is read (``MergedWeights``): engine builds, TensorRT refit and the folded
-  modulation tables, which are evaluated from weights on the CPU;
+- merged per weight as it is read (``MergedWeights``), in float32 before any rounding or
+  quantization: engine builds, TensorRT refit, the folded modulation tables (evaluated from
+  weights on the CPU), and the float torch transformer when it loads (free: every weight passes
+  through the loader anyway, and no cost per step);
 - unmerged, as a low-rank side branch ``y += (x @ A'^T) @ B^T`` on each targeted linear of a torch
-  model, float or quantized (``install_branches``). Switching adapters swaps the small factors
-  only: base weights are neither re-read nor re-quantized, and nothing drifts (a merge in bf16
-  cannot be undone exactly). Cost per step: ``bench/lora_cost.py``.
+  model (``install_branches``): next to quantized linears always (no re-quantization), and on a
+  resident float model after a switch, holding the difference to what was merged at load (a bf16
+  merge cannot be undone exactly, and re-merging rewrites every targeted weight). Switching swaps
+  the small factors only: base weights are neither re-read nor re-quantized. Measured per step and
+  per switch: ``bench/lora_cost.py``.
 """
 
 from __future__ import annotations
@@ -117,6 +121,14 @@ class LoraSet:
 
     def records(self) -> list[dict]:
         return [f.record() for f in self.files]
+
+    def minus(self, other: LoraSet | None) -> LoraSet:
+        """The adapters that turn ``other`` (already merged) into ``self``: ``other``'s with negated scales."""
+        if not other:
+            return self
+        if fingerprints(self.records()) == fingerprints(other.records()):
+            return LoraSet()
+        return LoraSet(self.files + [replace(f, scale=-f.scale) for f in other.files])
 
 
 def fingerprints(records: Iterable[dict]) -> list[tuple[str, float]]:
@@ -288,7 +300,7 @@ def read_lora(path: str | Path, scale: float, mf: ModelFolder) -> LoraFile:
         if not (np.isfinite(down).all() and np.isfinite(up).all()):
             bad.append(f"{e['module']} holds non-finite values")
             continue
-        layers[name] = LoraLayer(_alpha(path, sf, e, meta, name[: -len(".weight")], r, bad) * down, up)
+        layers[name] = LoraLayer(_alpha(sf, e, meta, name[: -len(".weight")], r, bad) * down, up)
         if e["swap"]:  # original final modulation: (shift, scale) -> ours (scale, shift)
             h = out_f // 2
             layers[name] = LoraLayer(layers[name].down, np.concatenate([up[h:], up[:h]]))
@@ -298,7 +310,7 @@ def read_lora(path: str | Path, scale: float, mf: ModelFolder) -> LoraFile:
     return LoraFile(path, float(scale), sha256_file(path), layout, layers)
 
 
-def _alpha(path, sf, entry, meta: dict, module: str, r: int, bad: list) -> float:
+def _alpha(sf, entry, meta: dict, module: str, r: int, bad: list) -> float:
     """The file's own multiplier: alpha / r (kohya ``alpha`` tensor or PEFT config), 1 when unstated."""
     if "alpha" in entry:
         a = sf.read(entry["alpha"]).astype(np.float64).reshape(-1)
@@ -339,12 +351,16 @@ class MergedWeights(WeightSource):
         return self.loras.merge(name, super().read(name))
 
 
-def with_loras(mf: ModelFolder, specs) -> ModelFolder:
-    """The model with ``specs`` merged into every weight read; unchanged when there are none."""
-    loras = load_loras(specs, mf)
+def merged_model(mf: ModelFolder, loras: LoraSet) -> ModelFolder:
+    """The model with ``loras`` merged into every weight read; unchanged when there are none."""
     if not loras:
         return mf
     return replace(mf, weights=MergedWeights(mf.weights.files, mf.weights.index, loras))
+
+
+def with_loras(mf: ModelFolder, specs) -> ModelFolder:
+    """``merged_model`` of the adapters ``specs`` ([(path, scale)]), read and checked first."""
+    return merged_model(mf, load_loras(specs, mf))
 
 
 def lora_records(weights) -> list[dict]:
@@ -411,11 +427,13 @@ def install_branches(model, loras: LoraSet, dtype, device) -> set[str]:
 def attach(stage, loras: LoraSet, base_read: Callable[[str], np.ndarray]) -> None:
     """(Re)apply ``loras`` to a loaded torch transformer stage (TorchTransformer, QuantTorchTransformer).
 
-    Branches go on the linears the stage's model holds. The quantized stage folds the modulation
-    onto the CPU: LoRAs on those linears are merged into its table's weight reads and the cached
-    tables are dropped, so the next ``prepare`` recomputes them; when neither the old nor the new
-    adapters touch the modulation, the cached tables stay."""
-    absent = install_branches(stage.model, loras, stage.dtype, stage.device)
+    Branches go on the linears the stage's model holds, for the difference to ``stage.lora_merged``
+    (the adapters its weights were loaded with; none on a quantized stage). The quantized stage
+    folds the modulation onto the CPU: LoRAs on those linears are merged into its table's weight
+    reads and the cached tables are dropped, so the next ``prepare`` recomputes them; when neither
+    the old nor the new adapters touch the modulation, the cached tables stay."""
+    branches = loras.minus(getattr(stage, "lora_merged", None))
+    absent = install_branches(stage.model, branches, stage.dtype, stage.device)
     table = getattr(stage, "table", None)
     if table is None:
         if absent:

@@ -166,10 +166,12 @@ class Pipeline:
         vram_budget: int | str | None = None,
         vae_tiles: int | None = None,
         num_images: int = 1,
+        announce: Callable[[str], None] | None = None,
     ) -> list[Result]:
         """``num_images`` per prompt, seeds ``seed, seed + 1, ...`` in order. Each stage runs for
         every image before the next loads: the text encoder once for all prompts, the transformer
-        over all latents, then the VAE."""
+        over all latents, then the VAE. ``announce(line)``: told the backend, precision and device
+        (and why, where they were "auto") once the arguments are checked, before any stage loads."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise UserError("no prompt given")
@@ -199,6 +201,11 @@ class Pipeline:
         schedule = flow_match_schedule(steps, self.shift)
         cfg_on = guidance > 1.0  # as diffusers: no unconditional pass at guidance <= 1
         plan = self.plan(height, width, vram_budget, batch=2 if cfg_on else 1, vae_tiles=vae_tiles)
+        if announce is not None:  # every check passed; nothing is loaded yet
+            if "auto" in self.info:
+                announce(self.info["auto"])
+            i = self.info
+            announce(f"{i.get('backend')} backend, {i.get('precision')}, {i.get('device')}, {width}x{height}")
         reports = []
 
         t0 = time.perf_counter()

@@ -230,6 +230,10 @@ class TorchStages(StageSet):
         base weights are neither re-read nor re-quantized), otherwise it gets them when opened."""
         from .lora import attach, load_loras
 
+        if loras and self.engine is not None:
+            raise UserError(
+                f"{self.engine.folder}: a torch engine folder takes no LoRAs; run the checkpoint with --lora"
+            )
         self.loras = load_loras(loras, self.mf)
         if "transformer" in self._resident:
             attach(self._resident["transformer"], self.loras, self.mf.weights.read)
@@ -268,10 +272,12 @@ class TorchStages(StageSet):
             te = "fp32" if fp == "fp16" and self.device.type != "cuda" else ("bf16" if fp == "fp16" else fp)
             return TorchTextEncoder(self.mf.component("text_encoder"), te, self.device_name)
         if name == "transformer":
-            from .lora import attach
+            from .lora import attach, merged_model
 
             if self.precision in DTYPES:
-                tr = TorchTransformer(self.mf, self.precision, self.device_name)
+                # float weights: the LoRAs merge in float32 as the weights load (no cost per step)
+                tr = TorchTransformer(merged_model(self.mf, self.loras), self.precision, self.device_name)
+                tr.lora_merged = self.loras
             else:
                 from .torch_quant import QuantTorchTransformer
 

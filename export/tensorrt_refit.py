@@ -36,7 +36,7 @@ from ..engine.errors import UserError
 from ..engine.lora import folded_names, lora_records, lora_targets, with_loras
 from ..engine.manifest import Manifest, file_entry, write_manifest
 from ..engine.model_config import AuraFlowConfig
-from ..engine.modulation import write_modulation_weights
+from ..engine.modulation import modulation_format, write_modulation_weights
 from .onnx_export import WeightPolicy, stream_weights
 
 # trace_transformer wraps the model as ``m``: its parameters are named "m." + our weight name
@@ -228,7 +228,7 @@ def refit_engine(
         if names & folded:
             mod = m.path(m.component("modulation")["file"])
             tmp_mod = mod.with_name(mod.name + ".tmp")
-            write_modulation_weights(cfg, merged.weights, tmp_mod)
+            write_modulation_weights(cfg, merged.weights, tmp_mod, modulation_format(policy.fmt))
         # Everything is computed: only now does the folder change.
         with open(side, "rb") as src:
             for iname, (off, n) in written.items():

@@ -157,3 +157,32 @@ def test_debug_shows_traceback(tiny_dir, tmp_path):
         "--debug", "generate", str(tiny_dir), "--prompt", "x", "--height", "72", "-o", str(tmp_path / "o.png")
     )
     assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_every_option_explains_itself(capsys):
+    """Each option of each subcommand has help text; defaults are shown; --version works."""
+    import argparse
+
+    from auraflow_edge.engine.cli import build_parser
+
+    ap = build_parser()
+    missing = []
+
+    def walk(p, path):
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for name, sub in a.choices.items():
+                    walk(sub, path + [name])
+            elif not a.help:
+                missing.append((" ".join(path), a.option_strings or a.dest))
+
+    walk(ap, [])
+    assert not missing, missing
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "(default: 50)" in out and "(default: auto)" in out and "(default: 0)" in out
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("auraflow-edge ")

@@ -16,7 +16,7 @@ from PIL import Image
 from auraflow_edge.engine.checkpoint import _original_names, open_model
 from auraflow_edge.engine.cli import main
 from auraflow_edge.engine.errors import UserError
-from auraflow_edge.engine.lora import load_loras, parse_lora_arg, remove_branches, with_loras
+from auraflow_edge.engine.lora import load_loras, parse_lora_arg, with_loras
 from auraflow_edge.engine.pipeline import Pipeline
 from auraflow_edge.engine.safetensors_io import SafetensorsFile, save_file
 from auraflow_edge.engine.schedule import flow_match_schedule
@@ -109,17 +109,25 @@ def _inputs():
 
 @pytest.mark.parametrize("case", CASES, ids=["a", "a@0.5", "a+b@0.7"])
 def test_transformer_matches_diffusers(tiny_dir, loras, diffusers_pipe, case):
+    """Both of our paths: merged as the float weights load, and side branches on a resident model
+    switched from another LoRA (they hold the difference to what was merged)."""
+    from auraflow_edge.engine.lora import attach
+
     x, c, t = _inputs()
     diffusers_pipe.set_adapters([n for n, _ in case], [s for _, s in case])
-    st = TorchStages(tiny_dir, loras=_ours(loras, case))
-    ours = st._open("transformer").model
+    merged = TorchStages(tiny_dir, loras=_ours(loras, case))._open("transformer")
+    st = TorchStages(tiny_dir, loras=[(loras["b"], 0.3)])
+    switched = st._open("transformer")
+    attach(switched, load_loras(_ours(loras, case), st.mf), st.mf.weights.read)
+    plain = TorchStages(tiny_dir)._open("transformer")
     with torch.no_grad():
         want = diffusers_pipe.transformer(x, encoder_hidden_states=c, timestep=t).sample
-        got = ours(x, c, timestep=t)
-        remove_branches(ours)
-        base = ours(x, c, timestep=t)
-    assert (got - want).abs().max().item() < 1e-5
+        for tr in (merged, switched):
+            assert (tr.model(x, c, timestep=t) - want).abs().max().item() < 1e-5
+        base = plain.model(x, c, timestep=t)
     assert (base - want).abs().max().item() > 0.1  # the adapters really change the output
+    assert not any(hasattr(m, "lora_branch") for m in merged.model.modules())  # merged: no branches
+    assert any(hasattr(m, "lora_branch") for m in switched.model.modules())
 
 
 def test_images_match_diffusers_while_switching(tiny_dir, loras, diffusers_pipe, tiny_noise):
@@ -259,7 +267,11 @@ def test_kernel_path_does_not_fuse_over_a_lora(tiny_dir, loras):
     assert np.linalg.norm(outs[1] - outs[0]) / np.linalg.norm(outs[0]) < 2e-3
 
 
-def test_switching_reads_and_quantizes_nothing(tiny_dir, loras, tiny_noise, monkeypatch):
+@pytest.mark.parametrize("precision", ["int8", "fp32"])
+def test_switching_reads_and_quantizes_nothing(tiny_dir, loras, tiny_noise, monkeypatch, precision):
+    """A resident transformer switches LoRAs with no base weight read and no quantization: int8
+    (side branches, folded modulation recomputed from disk) and fp32 (loaded merged, switched by
+    branches holding the difference)."""
     from auraflow_edge.engine import torch_quant
     from auraflow_edge.engine.lora import folded_names
 
@@ -277,23 +289,30 @@ def test_switching_reads_and_quantizes_nothing(tiny_dir, loras, tiny_noise, monk
         torch_quant, "quantize_weight", lambda *a, **k: quantized.append(1) or real_q(*a, **k)
     )
     gen = {**GEN, "steps": 2}
-    pipe = Pipeline.load(tiny_dir, precision="int8", keep_resident=True, loras=[loras["a"]])
+
+    def same(a, b):  # int8: bit-identical; fp32: a branch vs a merge differ by float rounding
+        a, b = np.asarray(a, int), np.asarray(b, int)
+        return np.array_equal(a, b) if precision == "int8" else np.abs(a - b).max() <= 1
+
+    pipe = Pipeline.load(tiny_dir, precision=precision, keep_resident=True, loras=[loras["a"]])
     first = pipe.generate(**gen, noise=tiny_noise).image
-    assert quantized and any(k.endswith("to_q.weight") for k in reads)
+    assert any(k.endswith("to_q.weight") for k in reads) and bool(quantized) == (precision == "int8")
     reads.clear(), quantized.clear()
     pipe.set_loras([loras["b"]])
     second = pipe.generate(**gen, noise=tiny_noise).image
     assert not quantized
-    # only the folded modulation weights are read again (they live on disk; its table changed)
-    folded = folded_names(open_model(tiny_dir).transformer_cfg)
-    assert reads and set(reads) <= folded, set(reads) - folded
-    fresh = Pipeline.load(tiny_dir, precision="int8", loras=[loras["b"]]).generate(**gen, noise=tiny_noise)
-    assert np.array_equal(np.asarray(second), np.asarray(fresh.image))
-    assert not np.array_equal(np.asarray(first), np.asarray(second))
-    pipe.set_loras([])  # unloading restores the base model exactly
+    if precision == "int8":  # only the folded modulation weights are read again (its table changed)
+        folded = folded_names(open_model(tiny_dir).transformer_cfg)
+        assert reads and set(reads) <= folded, set(reads) - folded
+    else:
+        assert not reads
+    fresh = Pipeline.load(tiny_dir, precision=precision, loras=[loras["b"]]).generate(**gen, noise=tiny_noise)
+    assert same(second, fresh.image)
+    assert not same(first, second)
+    pipe.set_loras([])  # unloading restores the base model
     assert "loras" not in pipe.info
-    base = Pipeline.load(tiny_dir, precision="int8").generate(**gen, noise=tiny_noise).image
-    assert np.array_equal(np.asarray(pipe.generate(**gen, noise=tiny_noise).image), np.asarray(base))
+    base = Pipeline.load(tiny_dir, precision=precision).generate(**gen, noise=tiny_noise).image
+    assert same(pipe.generate(**gen, noise=tiny_noise).image, base)
 
 
 def test_onnx_runtime_build_merges_before_quantization(tiny_dir, loras, tmp_path, tiny_noise, capsys):
