@@ -42,6 +42,27 @@ def _paired_times(fn, off, on, repeats: int) -> tuple[float, float]:
     return statistics.median(ts_off), statistics.median(ts_on)
 
 
+def _targets(cfg) -> dict[str, tuple[int, int]]:
+    """Every attention and feed-forward linear weight -> (out, in)."""
+    from auraflow_edge.engine.model import AuraFlowTransformer
+
+    with torch.device("meta"):
+        shapes = {n: tuple(p.shape) for n, p in AuraFlowTransformer(cfg).named_parameters()}
+    return {n: s for n, s in shapes.items() if len(s) == 2 and "transformer_blocks" in n and "norm1" not in n}
+
+
+def _gflop(targets: dict, tokens: int, rank: int | None) -> float:
+    """Per step at CFG batch 2: the linears' FLOPs (rank None) or those of rank-``rank`` branches.
+    Joint blocks run image-token and context-token linears separately; single blocks run both."""
+    total = 0
+    for n, (o, i) in targets.items():
+        rows = 2 * (
+            tokens + 264 if n.startswith("single_") else 264 if "add_" in n or "ff_context" in n else tokens
+        )
+        total += 2 * rows * (o * i if rank is None else rank * (o + i))
+    return total / 1e9
+
+
 def _random_lora(targets: dict, rank: int, seed: int):
     from auraflow_edge.engine.lora import LoraFile, LoraLayer, LoraSet
 
@@ -84,11 +105,7 @@ def main() -> None:
     )
     with torch.device("meta"):
         shapes = {n: tuple(p.shape) for n, p in AuraFlowTransformer(cfg).named_parameters()}
-    targets = {
-        n: s
-        for n, s in shapes.items()
-        if len(s) == 2 and "transformer_blocks" in n and "norm1" not in n  # attention + feed-forward
-    }
+    targets = _targets(cfg)
 
     def weight(name):
         g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
@@ -98,14 +115,7 @@ def main() -> None:
     x = torch.randn(2, 4, args.height // 8, args.width // 8)
     ctx = torch.randn(2, 256, cfg.joint_attention_dim)
     mod = torch.randn(1, cfg.num_modulations, cfg.hidden) * 0.1
-
-    def rows_of(n: str) -> int:
-        """Tokens a linear sees per step (CFG batch 2): joint blocks split image and context."""
-        if n.startswith("single_"):
-            return 2 * (tokens + 264)
-        return 2 * (264 if ("add_" in n or "ff_context" in n) else tokens)
-
-    lin_flop = sum(2 * rows_of(n) * o * i for n, (o, i) in targets.items())
+    lin_gflop = _gflop(targets, tokens, None)
     rows = []
     print(f"mid-size AuraFlow, {args.width}x{args.height}, CFG batch 2, {len(targets)} targeted linears")
     print(f"{'precision':>9} {'rank':>4} {'base s/step':>11} {'branch s/step':>13} {'overhead':>8} "
@@ -150,8 +160,8 @@ def main() -> None:
             torch_quant.quantize_weight = real_q
             remove_branches(model)
             row = {"precision": prec, "rank": rank, "base_s": base, "branch_s": branch, "switch_s": switch,
-                   "branch_gflop": sum(2 * rows_of(n) * rank * (o + i) for n, (o, i) in targets.items()) / 1e9,
-                   "linear_gflop": lin_flop / 1e9, "quantize_calls_in_switch": len(calls)}  # fmt: skip
+                   "branch_gflop": _gflop(targets, tokens, rank), "linear_gflop": lin_gflop,
+                   "quantize_calls_in_switch": len(calls)}  # fmt: skip
             if prec in DTYPES:
                 # the alternative: merge into the weights (switch = unmerge a, merge b)
                 with torch.no_grad():
@@ -182,7 +192,15 @@ def main() -> None:
             print(f"{prec:>9} {rank:>4} {base:>11.3f} {branch:>13.3f} {100 * (branch / base - 1):>7.1f}% "
                   f"{row['branch_gflop']:>12.2f} {switch:>8.3f} {row.get('merge_switch_s', float('nan')):>15.3f} "
                   f"{row.get('unmerge_drift_rel', float('nan')):>13.2e}", flush=True)  # fmt: skip
-    print(f"linear GFLOP per step (targeted linears, no LoRA): {lin_flop / 1e9:.1f}")
+    print(f"linear GFLOP per step (targeted linears, no LoRA): {lin_gflop:.1f}")
+    from auraflow_edge.engine.model_config import AURAFLOW_V03
+
+    full = _targets(AURAFLOW_V03)
+    shares = {
+        r: _gflop(full, 4096, r) / _gflop(full, 4096, None) for r in (int(r) for r in args.ranks.split(","))
+    }
+    print("full-size v0.3 at 1024x1024: branch FLOPs = " + ", ".join(f"{100 * v:.1f}% (rank {r})" for r, v in shares.items())
+          + " of the targeted linears' FLOPs")  # fmt: skip
     if args.json:
         res = {
             "machine": f"{args.device}",

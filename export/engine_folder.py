@@ -1,5 +1,6 @@
-"""Engine-folder steps every builder shares: one writer at a time, leftovers of killed builds
-removed, a full disk reported as such.
+"""Engine-folder steps every builder shares (ONNX Runtime, TensorRT, torch, refit): one writer at a
+time, leftovers of killed builds removed, a full disk reported as such, the build key, tool
+versions, source fingerprint, progress lines, and the checksummed rename into place.
 
 A build assembles its folder under ``.NAME.build-*`` next to the destination and renames it when
 complete (``finish_folder``), so readers never see a half-written engine. The lock (``flock`` on
@@ -10,10 +11,15 @@ knows every ``.NAME.build-*`` it finds is garbage.
 from __future__ import annotations
 
 import errno
+import hashlib
+import json
 import shutil
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 
 from ..engine.errors import UserError
@@ -69,3 +75,71 @@ def finish_folder(tmp: Path, out: Path, data: dict) -> None:
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
+
+
+def tool_versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("auraflow-edge", "torch", "onnx", "onnxruntime", "onnxscript", "diffusers", "transformers"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def source_fingerprint(mf) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps(mf.transformer_cfg.to_dict(), sort_keys=True).encode())
+    for f in sorted(mf.weights.files):
+        st = Path(f).stat()
+        h.update(f"{Path(f).name}:{st.st_size}:{int(st.st_mtime)}".encode())
+    return h.hexdigest()
+
+
+class Progress:
+    def __init__(self, quiet: bool):
+        self.quiet, self.t0 = quiet, time.perf_counter()
+
+    def say(self, msg: str) -> None:
+        if not self.quiet:
+            print(f"[{time.perf_counter() - self.t0:6.1f}s] {msg}", file=sys.stderr)
+
+    def bar(self, desc: str):
+        if self.quiet:
+            return None
+        from tqdm import tqdm
+
+        state = {}
+
+        def cb(i, n):
+            if "bar" not in state:
+                state["bar"] = tqdm(total=n, desc=desc, unit="tensor", file=sys.stderr, leave=False)
+            state["bar"].update(1)
+            if i == n:
+                state["bar"].close()
+
+        return cb
+
+
+def build_key(mf, backend, precision, pol, height, width, extra=None) -> str:
+    """Everything that made an engine: a rebuild with the same key reuses the folder."""
+    from ..engine.lora import fingerprints, lora_records
+    from ..engine.manifest import VERSION
+    from .onnx_export import OPSET
+
+    key_data = {
+        "version": VERSION,
+        "source": source_fingerprint(mf),
+        "backend": backend,
+        "precision": precision,
+        "policies": {k: asdict(v) for k, v in pol.items()},
+        "shape": [height, width],
+        "opset": OPSET,
+        "tools": tool_versions(),
+        "extra": extra,
+        # only with LoRAs, so engines built without any keep their key
+        **({"loras": fingerprints(lora_records(mf.weights))} if lora_records(mf.weights) else {}),
+    }
+    return hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:16]

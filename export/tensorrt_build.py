@@ -10,9 +10,7 @@ operator check) is tested on the CPU.
 from __future__ import annotations
 
 import re
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -290,7 +288,8 @@ def build_tensorrt(
     trt = _require_tensorrt()  # before spending minutes on the export
     from ..engine.manifest import MANIFEST, Manifest
     from ..engine.planner import parse_bytes
-    from .build import export_onnx_folder, finish_folder
+    from .engine_folder import build_lock, finish_folder
+    from .onnx_folder import export_onnx_folder
 
     out = Path(out)
     if height is None or width is None:  # the checkpoint's default size, as diffusers picks it
@@ -316,10 +315,7 @@ def build_tensorrt(
             if not quiet:
                 print(f"{out}: already has engines for {key}; reusing them", file=sys.stderr)
             return out
-    tmp = Path(
-        tempfile.mkdtemp(prefix=f".{out.name}.build-", dir=out.parent if out.parent.exists() else None)
-    )
-    try:
+    with build_lock(out) as tmp:  # one writer; a killed build's leftovers removed; atomic rename
         data = export_onnx_folder(
             model,
             tmp,
@@ -383,7 +379,4 @@ def build_tensorrt(
         }
         data["command"] = command
         finish_folder(tmp, out, data)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

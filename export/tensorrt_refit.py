@@ -148,7 +148,7 @@ def refit_engine(
     batch_bytes: int = 1 << 30,
 ) -> Path:
     """Swap the folder's merged LoRAs for ``loras`` ([(file, scale)]; none restores the base model)."""
-    from .build import _build_key, _source_fingerprint
+    from .engine_folder import build_key, source_fingerprint
     from .tensorrt_build import _require_tensorrt, gpu_identity
 
     folder = Path(engine_dir)
@@ -176,7 +176,7 @@ def refit_engine(
             f"{folder}: the engines were not built --refittable; rebuild with --refittable --lora ..."
         )
     mf = open_model(model or m["source"]["model"], components)
-    if _source_fingerprint(mf) != m["source"]["fingerprint"]:
+    if source_fingerprint(mf) != m["source"]["fingerprint"]:
         raise UserError(
             f"{model or m['source']['model']}: not the model this engine was built from (fingerprint differs); "
             "pass --model with the build's model"
@@ -249,7 +249,7 @@ def refit_engine(
     q = m["quantization"]
     pol = {k: _policy(v) for k, v in q.items()}
     h, w = entry["shapes"][0]  # the shape the build traced at (build_tensorrt: the first shape set)
-    data["build_key"] = _build_key(merged, "tensorrt", m["precision"], pol, h, w)
+    data["build_key"] = build_key(merged, "tensorrt", m["precision"], pol, h, w)
     data["refit_command"] = command
     files = dict(data["files"])
     root = folder.resolve()

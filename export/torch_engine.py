@@ -124,7 +124,7 @@ def build_torch_engine(
 ) -> Path:
     from ..engine.checkpoint import open_model
     from ..engine.torch_quant import QUANT_PRECISIONS
-    from .build import _build_key, _Progress, _source_fingerprint, _tool_versions
+    from .engine_folder import Progress, build_key, source_fingerprint, tool_versions
 
     if precision not in QUANT_PRECISIONS:
         raise UserError(
@@ -136,7 +136,7 @@ def build_torch_engine(
     out = Path(out)
     mf = open_model(model, components)
     extra = {"int4_block": int4_block, "layout": "torch-packed-1"}
-    key = _build_key(mf, "torch", precision, {}, None, None, extra)
+    key = build_key(mf, "torch", precision, {}, None, None, extra)
     with build_lock(out) as tmp:
         if (out / MANIFEST).exists() and not force:
             old = Manifest.load(out)
@@ -147,7 +147,7 @@ def build_torch_engine(
             raise UserError(f"{out} already holds a different engine; pass --force to replace it")
         if out.exists() and not (out / MANIFEST).exists() and any(out.iterdir()):
             raise UserError(f"{out} exists and is not an engine folder; choose another -o")
-        prog = _Progress(quiet)
+        prog = Progress(quiet)
         prog.say(f"quantizing the transformer to {precision}")
         nb, formats = write_transformer(
             mf, tmp / "transformer.safetensors", precision, int4_block, prog.bar("transformer")
@@ -166,13 +166,13 @@ def build_torch_engine(
             "backend": "torch",
             "precision": precision,
             "int4_block": int4_block,
-            "source": {"model": str(model), "fingerprint": _source_fingerprint(mf), **(hub or {})},
+            "source": {"model": str(model), "fingerprint": source_fingerprint(mf), **(hub or {})},
             "transformer_config": mf.transformer_cfg.to_dict(),
             "scheduler": {"shift": mf.scheduler_shift()},
             "default_size": list(mf.default_size()),
             "vae_scale_factor": mf.vae_scale_factor(),
             "components": comps,
-            "tools": _tool_versions(),
+            "tools": tool_versions(),
             "command": command,
         }
         finish_folder(tmp, out, data)

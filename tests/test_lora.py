@@ -400,8 +400,8 @@ def test_tensorrt_refit_writes_what_a_build_writes(tiny_dir, loras, tmp_path, mo
     from auraflow_edge.engine.lora import folded_names
     from auraflow_edge.engine.manifest import Manifest
     from auraflow_edge.export import components, tensorrt_build
-    from auraflow_edge.export.build import _build_key, _source_fingerprint, export_transformer, policies
-    from auraflow_edge.export.engine_folder import finish_folder
+    from auraflow_edge.export.build import export_transformer, policies
+    from auraflow_edge.export.engine_folder import build_key, finish_folder, source_fingerprint
     from auraflow_edge.export.tensorrt_refit import data_locations, refit_engine
 
     traced = {}
@@ -427,7 +427,7 @@ def test_tensorrt_refit_writes_what_a_build_writes(tiny_dir, loras, tmp_path, mo
             "backend": "tensorrt",
             "precision": "int4",
             "quantization": {k: asdict(v) for k, v in pol.items()},
-            "source": {"model": str(tiny_dir), "fingerprint": _source_fingerprint(mf)},
+            "source": {"model": str(tiny_dir), "fingerprint": source_fingerprint(mf)},
             "transformer_config": mf.transformer_cfg.to_dict(),
             "calibration": None,
             "components": comps,
@@ -454,7 +454,7 @@ def test_tensorrt_refit_writes_what_a_build_writes(tiny_dir, loras, tmp_path, mo
     assert (
         m["loras"] == Manifest.load(ref)["loras"] and m["lora_targets"] == Manifest.load(ref)["lora_targets"]
     )
-    assert m["build_key"] == _build_key(with_loras(mf, b), "tensorrt", "int4", pol, 64, 96)
+    assert m["build_key"] == build_key(with_loras(mf, b), "tensorrt", "int4", pol, 64, 96)
     assert (e / "transformer.plan").read_bytes() == b"refitted plan 1"
     # the Refitter got every initializer of every linear either LoRA touches (folded ones excepted),
     # plus what it reported missing, each with the bytes of the export with LoRA b
