@@ -14,9 +14,8 @@ from ..engine.checkpoint import open_model
 from ..engine.errors import UserError
 from ..engine.hub import is_hub_id, snapshot
 from ..engine.lora import with_loras
-from ..engine.manifest import MANIFEST, Manifest
 from ..engine.model_config import check_latent_size
-from .engine_folder import build_key, finish_folder
+from .engine_folder import build_key, finish_folder, reusable
 
 # the export steps and policies live in onnx_folder (the TensorRT builder uses them too); their
 # names stay importable from here
@@ -112,18 +111,8 @@ def _build_ort(
     command, ort_int8, act_quant, calibration_prompts, loras, hub,
 ) -> Path:  # fmt: skip
     backend = "onnxruntime"
-    if (out / MANIFEST).exists() and not force:
-        try:
-            old = Manifest.load(out)
-        except UserError:
-            old = None
-        if old is not None and old.get("build_key") == key:
-            if not quiet:
-                print(f"{out}: up to date (build key {key}); reusing it", file=sys.stderr)
-            return out
-        raise UserError(f"{out} already holds a different engine; pass --force to replace it")
-    if out.exists() and not (out / MANIFEST).exists() and any(out.iterdir()):
-        raise UserError(f"{out} exists and is not an engine folder; choose another -o")
+    if reusable(out, key, force, quiet):
+        return out
     data = export_onnx_folder(
         model,
         tmp,

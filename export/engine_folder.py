@@ -65,6 +65,26 @@ def build_lock(out: Path) -> Iterator[Path]:
         f.close()
 
 
+def reusable(out: Path, key: str, force: bool, quiet: bool) -> bool:
+    """True when ``out`` already holds the engine with this build key (reuse it); refuses a folder
+    holding something else unless ``force``; False when the build should go ahead."""
+    from ..engine.manifest import MANIFEST, Manifest
+
+    if (out / MANIFEST).exists() and not force:
+        try:
+            old = Manifest.load(out)
+        except UserError:
+            old = None
+        if old is not None and old.get("build_key") == key:
+            if not quiet:
+                print(f"{out}: up to date (build key {key}); reusing it", file=sys.stderr)
+            return True
+        raise UserError(f"{out} already holds a different engine; pass --force to replace it")
+    if out.exists() and not (out / MANIFEST).exists() and any(out.iterdir()):
+        raise UserError(f"{out} exists and is not an engine folder; choose another -o")
+    return False
+
+
 def finish_folder(tmp: Path, out: Path, data: dict) -> None:
     """Checksum every file of the assembled folder into its manifest, then move it into place."""
     from ..engine.manifest import MANIFEST, file_entry, write_manifest

@@ -17,10 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from ..engine.errors import UserError
-from ..engine.manifest import MANIFEST, Manifest
 from ..engine.modulation import modulation_names, write_modulation_weights
 from ..engine.safetensors_io import save_streamed
-from .engine_folder import build_lock, finish_folder
+from .engine_folder import build_lock, finish_folder, reusable
 
 PACKED = (".w_q", ".w_s")  # suffixes of a pre-quantized linear's two tensors
 COMPONENTS = ("text_encoder", "vae", "tokenizer", "scheduler")
@@ -138,15 +137,8 @@ def build_torch_engine(
     extra = {"int4_block": int4_block, "layout": "torch-packed-1"}
     key = build_key(mf, "torch", precision, {}, None, None, extra)
     with build_lock(out) as tmp:
-        if (out / MANIFEST).exists() and not force:
-            old = Manifest.load(out)
-            if old.get("build_key") == key:
-                if not quiet:
-                    print(f"{out}: up to date (build key {key}); reusing it", file=sys.stderr)
-                return out
-            raise UserError(f"{out} already holds a different engine; pass --force to replace it")
-        if out.exists() and not (out / MANIFEST).exists() and any(out.iterdir()):
-            raise UserError(f"{out} exists and is not an engine folder; choose another -o")
+        if reusable(out, key, force, quiet):
+            return out
         prog = Progress(quiet)
         prog.say(f"quantizing the transformer to {precision}")
         nb, formats = write_transformer(
