@@ -128,7 +128,7 @@ def save_streamed(specs, produce, path: str | Path, metadata: dict | None = None
             f.write(struct.pack("<Q", len(hb)))
             f.write(hb)
             for k, shape, dtype in specs:
-                v = np.ascontiguousarray(produce(k), dtype=dtype)
+                v = np.require(produce(k), dtype=dtype, requirements="C")  # keeps 0-d arrays 0-d
                 if tuple(v.shape) != tuple(shape):
                     raise ValueError(f"{k}: produced shape {v.shape}, declared {tuple(shape)}")
                 f.write(v.tobytes())

@@ -303,6 +303,11 @@ def build_tensorrt(
     key = engine_key(gpu, cc, trt.__version__, hardware_compat)
     if (out / MANIFEST).exists() and not force:
         m = Manifest.load(out)
+        if m.get("backend") != "tensorrt" or m.get("precision") != precision:
+            raise UserError(
+                f"{out} holds a {m.get('backend')} {m.get('precision')} engine; pass --force to replace it "
+                "(engines for several GPUs share a folder only at the same precision)"
+            )
         if key in m.get("engines", {}):
             from ..engine.lora import fingerprints, requested
 
