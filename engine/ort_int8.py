@@ -31,8 +31,6 @@ import numpy as np
 
 ENCODINGS = ("auto", "s8", "u8")
 _X86 = {"x86_64", "amd64", "i386", "i686", "x86"}
-# CPUID features that give MLAS an exact u8 x s8 kernel (vpdpbusd, tdpbusd)
-_EXACT_U8S8 = {"avx512_vnni", "avx_vnni", "amx_int8"}
 
 
 def cpu_flags() -> set[str] | None:
@@ -63,7 +61,14 @@ def int8_encoding(machine: str | None = None, flags: set[str] | None = None) -> 
     flags = cpu_flags() if flags is None else flags
     if flags is None:
         return "u8"  # unknown x86: the encoding that is exact everywhere
-    return "s8" if flags & _EXACT_U8S8 else "u8"
+    # MLAS's choice of u8 x s8 kernel (mlasi platform init): AMX overrides everything; with AVX-512
+    # core the AVX512-VNNI kernel or else the saturating AVX512-core one (AVX-VNNI is not used there);
+    # with AVX2 only, the AVX-VNNI kernel or else the saturating AVX2 one.
+    if "amx_int8" in flags:
+        return "s8"
+    if "avx512bw" in flags:
+        return "s8" if "avx512_vnni" in flags else "u8"
+    return "s8" if "avx_vnni" in flags else "u8"
 
 
 def describe_cpu() -> str:
@@ -162,6 +167,8 @@ CPU_CLASSES = (
     CpuClass("x86-64 AVX512BW (no VNNI)", "x86_64", frozenset({"avx2", "avx512bw"}), True),
     CpuClass("x86-64 AVX-VNNI", "x86_64", frozenset({"avx2", "avx_vnni"}), False),
     CpuClass("x86-64 AVX512-VNNI", "x86_64", frozenset({"avx2", "avx512bw", "avx512_vnni"}), False),
+    # AVX-VNNI without AVX512-VNNI beside AVX-512 BW: MLAS picks its AVX-512 core kernel (saturating)
+    CpuClass("x86-64 AVX512BW + AVX-VNNI only", "x86_64", frozenset({"avx2", "avx512bw", "avx_vnni"}), True),
     CpuClass("x86-64 AMX", "x86_64", frozenset({"avx2", "avx512bw", "avx512_vnni", "amx_int8"}), False),
     CpuClass("ARM64 NEON", "aarch64", frozenset({"asimd"}), False),
     CpuClass("ARM64 dotprod/i8mm", "aarch64", frozenset({"asimd", "asimddp", "i8mm"}), False),

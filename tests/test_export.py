@@ -15,6 +15,8 @@ from auraflow_edge.engine.checkpoint import open_model
 from auraflow_edge.engine.errors import UserError
 from auraflow_edge.engine.manifest import Manifest
 from auraflow_edge.engine.modulation import ModulationTable
+from auraflow_edge.engine.ort_backend import _session
+from auraflow_edge.engine.ort_int8 import int8_encoding
 from auraflow_edge.engine.pipeline import Pipeline
 from auraflow_edge.engine.positions import PositionTable
 from auraflow_edge.engine.schedule import flow_match_schedule
@@ -60,7 +62,6 @@ def test_fp32_engine_matches_torch_and_diffusers(engines, tiny_dir, tiny_noise, 
 
 def _transformer_outputs(engine, tiny_dir):
     """One transformer call of the engine and of the fp32 torch reference, same inputs."""
-    import onnxruntime as ort
 
     m = Manifest.load(engine)
     mf = open_model(tiny_dir)
@@ -71,7 +72,7 @@ def _transformer_outputs(engine, tiny_dir):
     table = ModulationTable(mf.transformer_cfg, m.path("modulation.safetensors"))
     mod = table(np.array([0.8], np.float32))
     dt = np.float16 if m["components"]["transformer"]["dtype"] == "fp16" else np.float32
-    s = ort.InferenceSession(str(m.path("transformer.onnx")), providers=["CPUExecutionProvider"])
+    s = _session(m.path("transformer.onnx"), "cpu", None, int8_encoding())  # as the runtime runs it
     pos = PositionTable(mf.transformer_cfg, m.path("positions.safetensors"))(8, 12)
     feed = {"latents": x, "context": c, "modulation": mod, "pos": pos}
     got = s.run(None, {k: v.astype(dt) for k, v in feed.items()})[0]
