@@ -244,7 +244,7 @@ class Pipeline:
                 "height": height,
                 "width": width,
                 "shift": self.shift,
-                **self.info,
+                **{k: v for k, v in self.info.items() if k != "auto"},  # the "why" line is not a parameter
             }
             out.append(Result(to_pil(pixels[i][0]), latents[i], params, reports, plan))
         return out

@@ -481,7 +481,7 @@ def test_tensorrt_rebuild_with_other_loras_is_not_a_reuse(tiny_dir, loras, tmp_p
     monkeypatch.setattr(tensorrt_build, "gpu_identity", lambda: ("GPU", (9, 0)))
     (tmp_path / "t.tmp").mkdir()
     recs = load_loras([(loras["a"], 0.5)], open_model(tiny_dir)).records()
-    finish_folder(tmp_path / "t.tmp", tmp_path / "t", {"backend": "tensorrt", "loras": recs,
+    finish_folder(tmp_path / "t.tmp", tmp_path / "t", {"backend": "tensorrt", "precision": "fp16", "loras": recs,
                   "engines": {"gpu-sm90-trt10.99": {"gpu": "GPU", "compute_capability": [9, 0]}}})  # fmt: skip
     e = tmp_path / "t"
     assert tensorrt_build.build_tensorrt(str(tiny_dir), e, loras=[(loras["a"], 0.5)], quiet=True) == e

@@ -352,3 +352,23 @@ def test_ampere_plus_with_the_attention_plugin_is_refused(tiny_dir, tmp_path):
             str(tiny_dir), tmp_path / "t", "fp16", 64, 96, hardware_compat="ampere+", attention_plugin=True
         )
     assert not (tmp_path / "t").exists()
+
+
+def test_tensorrt_folder_of_another_precision_is_not_reused(tiny_dir, tmp_path, monkeypatch):
+    """A folder with engines at one precision is refused for a build at another (not reused)."""
+    import sys
+    import types
+
+    from auraflow_edge.engine.errors import UserError
+    from auraflow_edge.export import tensorrt_build
+    from auraflow_edge.export.engine_folder import finish_folder
+
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.99"))
+    monkeypatch.setattr(tensorrt_build, "gpu_identity", lambda: ("GPU", (9, 0)))
+    (tmp_path / "t.tmp").mkdir()
+    key = tensorrt_build.engine_key("GPU", (9, 0), "10.99", "none")
+    finish_folder(
+        tmp_path / "t.tmp", tmp_path / "t", {"backend": "tensorrt", "precision": "fp8", "engines": {key: {}}}
+    )
+    with pytest.raises(UserError, match="holds a tensorrt fp8 engine; pass --force"):
+        tensorrt_build.build_tensorrt(str(tiny_dir), tmp_path / "t", precision="int8", quiet=True)
