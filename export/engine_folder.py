@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -48,6 +49,9 @@ def build_lock(out: Path) -> Iterator[Path]:
         for stale in out.parent.glob(f".{out.name}.build-*"):  # left by a build that was killed
             shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.build-", dir=out.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the engine is an ordinary folder
         try:
             yield tmp
         except OSError as e:
