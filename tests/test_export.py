@@ -246,3 +246,12 @@ def test_build_and_inspect_cli(engines, capsys):
     assert main(["inspect", str(engines["int4"]), "--verify"]) == 0
     out = capsys.readouterr().out
     assert "int4" in out and "transformer.onnx.data" in out and "all checksums verified" in out
+
+
+def test_engine_folder_has_ordinary_permissions(engines):
+    """Assembled in a mkdtemp folder (0700), the engine still ends readable as any folder would be."""
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    assert engines["int8"].stat().st_mode & 0o777 == 0o777 & ~umask
