@@ -99,42 +99,31 @@ def build_engine(
         None,
         extra=calib if act_quant else None,
     )
-    with build_lock(out) as tmp:
-        return _build_ort(
-            model, out, tmp, mf, key, precision, height, width, int4_block, components, force,
-            quiet, command, ort_int8, act_quant, calibration_prompts, loras, hub,
-        )  # fmt: skip
-
-
-def _build_ort(
-    model, out, tmp, mf, key, precision, height, width, int4_block, components, force, quiet,
-    command, ort_int8, act_quant, calibration_prompts, loras, hub,
-) -> Path:  # fmt: skip
-    backend = "onnxruntime"
-    if reusable(out, key, force, quiet):
+    with build_lock(out) as tmp:  # one writer; a killed build's leftovers removed; atomic rename
+        if reusable(out, key, force, quiet):
+            return out
+        data = export_onnx_folder(
+            model,
+            tmp,
+            backend,
+            precision,
+            height,
+            width,
+            int4_block,
+            components,
+            quiet,
+            ort_int8=ort_int8,
+            act_quant=act_quant,
+            calibration_prompts=calibration_prompts,
+            loras=loras,
+        )
+        data["build_key"] = key
+        data["command"] = command
+        data["source"].update(hub)  # a hub id: the id, the revision asked for and its commit
+        finish_folder(tmp, out, data)
+        if not quiet:
+            print(f"engine written to {out}", file=sys.stderr)
         return out
-    data = export_onnx_folder(
-        model,
-        tmp,
-        backend,
-        precision,
-        height,
-        width,
-        int4_block,
-        components,
-        quiet,
-        ort_int8=ort_int8,
-        act_quant=act_quant,
-        calibration_prompts=calibration_prompts,
-        loras=loras,
-    )
-    data["build_key"] = key
-    data["command"] = command
-    data["source"].update(hub)  # a hub id: the id, the revision asked for and its commit
-    finish_folder(tmp, out, data)
-    if not quiet:
-        print(f"engine written to {out}", file=sys.stderr)
-    return out
 
 
 def _default_size(mf, height: int | None, width: int | None) -> tuple[int, int]:

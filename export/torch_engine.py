@@ -21,7 +21,6 @@ from ..engine.modulation import modulation_names, write_modulation_weights
 from ..engine.safetensors_io import save_streamed
 from .engine_folder import build_lock, finish_folder, reusable
 
-PACKED = (".w_q", ".w_s")  # suffixes of a pre-quantized linear's two tensors
 COMPONENTS = ("text_encoder", "vae", "tokenizer", "scheduler")
 
 
@@ -78,11 +77,11 @@ def write_transformer(mf, path: Path, fmt: str, block: int, progress=None) -> tu
             specs += [(n[: -len(".weight")] + ".w_q", qs, qd), (n[: -len(".weight")] + ".w_s", ss, sd)]
         else:
             specs.append((n, w.shape(n), w.dtype(n)))
-    total = len(specs)
+    order = {name: i for i, (name, _, _) in enumerate(specs, 1)}
 
     def produce(key: str) -> np.ndarray:
         if progress is not None:
-            progress(specs.index(next(s for s in specs if s[0] == key)) + 1, total)
+            progress(order[key], len(specs))
         if key.endswith(".w_s"):
             return pending.pop(key)
         if key.endswith(".w_q"):
