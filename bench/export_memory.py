@@ -21,13 +21,13 @@ from pathlib import Path
 CHILD = r"""
 import sys, json, time
 from pathlib import Path
-from auraflow_edge.engine.checkpoint import open_model
-from auraflow_edge.export.build import export_transformer, policies
+from auraflow_edge.engine.model.checkpoint import open_model
+from auraflow_edge.export.onnx_folder import export_transformer, policies
 src, out, precision, h, w = sys.argv[1:6]
 t0 = time.perf_counter()
 pol = policies(precision, "onnxruntime" if precision != "bf16" else "tensorrt", 64)["transformer"]
 info = export_transformer(open_model(src), Path(out), pol, int(h), int(w))
-from auraflow_edge.engine.stages import peak_rss
+from auraflow_edge.engine.runtime.stages import peak_rss
 peak = peak_rss()  # VmHWM: this process only (ru_maxrss would include the parent's pages at fork)
 print(json.dumps({"peak_rss": peak, "seconds": time.perf_counter() - t0,
                   "weight_bytes": info["transformer"]["weight_bytes"],
@@ -54,8 +54,8 @@ def main() -> None:
     ap.add_argument("--precisions", default="int8,int4,fp8,fp16")
     ap.add_argument("--json", default=str(Path(__file__).parent / "results" / "export_memory.json"))
     args = ap.parse_args()
-    from auraflow_edge.engine.demo import write_random_transformer
-    from auraflow_edge.engine.model_config import PRESETS
+    from auraflow_edge.engine.model.config import PRESETS
+    from auraflow_edge.engine.tiny.random_model import write_random_transformer
 
     cfg = PRESETS[args.config]
     work = Path(args.workdir)

@@ -75,7 +75,6 @@ import importlib
 import pkgutil
 import sys
 
-sys.path.insert(0, "bench")
 import diffusers
 import pytest  # noqa: F401
 import torch
@@ -89,10 +88,10 @@ import auraflow_edge.engine
 import auraflow_edge.kernels
 
 for pkg in (auraflow_edge.engine, auraflow_edge.kernels):
-    for m in pkgutil.iter_modules(pkg.__path__):
-        importlib.import_module(f"{pkg.__name__}.{m.name}")
-import gpu_fullsize  # noqa: F401  (the bench scripts, and all they import)
-import gpu_kernels  # noqa: F401
+    for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + "."):
+        importlib.import_module(m.name)
+import auraflow_edge.bench.gpu_fullsize  # noqa: F401  (the bench scripts, and all they import)
+import auraflow_edge.bench.gpu_kernels  # noqa: F401
 
 print(
     f"torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}, "

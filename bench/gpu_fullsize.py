@@ -37,16 +37,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gpu_report import Report, error_text, machine_info
 
-from auraflow_edge.engine.image import to_uint8
-from auraflow_edge.engine.model import AURAFLOW_V03, AuraFlowConfig, AuraFlowTransformer
-from auraflow_edge.engine.sampler import denoise
-from auraflow_edge.engine.schedule import flow_match_schedule
-from auraflow_edge.engine.vae_tiling import decode_tiled
+from auraflow_edge.bench.gpu_report import Report, error_text, machine_info
+from auraflow_edge.engine.model.config import AURAFLOW_V03, AuraFlowConfig
+from auraflow_edge.engine.model.spec import TEXT_LENGTH
+from auraflow_edge.engine.model.transformer import AuraFlowTransformer
+from auraflow_edge.engine.runtime.image import to_uint8
+from auraflow_edge.engine.runtime.sampler import denoise
+from auraflow_edge.engine.runtime.schedule import flow_match_schedule
+from auraflow_edge.engine.runtime.vae_tiling import decode_tiled
 
 GiB = 2**30
-TEXT_LEN = 256
 SIZES = {
     "full": dict(
         transformer=AURAFLOW_V03,
@@ -208,7 +209,7 @@ def text_encoder(size: str, device) -> np.ndarray:
     with torch.device("meta"):
         m = UMT5EncoderModel(cfg)
     m = materialize(m, device, torch.bfloat16).eval()
-    ids, mask = prompt_ids(cfg.vocab_size, TEXT_LEN)
+    ids, mask = prompt_ids(cfg.vocab_size, TEXT_LENGTH)
     ids, mask = ids.to(device), mask.to(device)
     with torch.no_grad():
         out = m(input_ids=ids, attention_mask=mask)[0]
@@ -257,13 +258,13 @@ def open_transformer(run: str, cfg: AuraFlowConfig, device):
     if run == "diffusers bf16":
         return DiffusersTransformer(cfg, device)
     if run == "ours bf16":
-        from auraflow_edge.engine.torch_backend import TorchTransformer
+        from auraflow_edge.engine.backends.torch_backend import TorchTransformer
 
         with torch.device("meta"):
             model = AuraFlowTransformer(cfg)
         model = materialize(model, device, torch.bfloat16).eval()
         return TorchTransformer(RandomCheckpoint(cfg, device), "bf16", str(device), model=model)
-    from auraflow_edge.engine.torch_quant import QuantTorchTransformer
+    from auraflow_edge.engine.backends.torch_quant import QuantTorchTransformer
 
     fmt = run.split()[-1]
     return QuantTorchTransformer(RandomCheckpoint(cfg, device), fmt, device, torch.bfloat16)
@@ -380,9 +381,9 @@ def main(argv=None) -> int:
     ap.add_argument("--vae-tiles", type=int, default=1)
     ap.add_argument("--json", default=str(Path(__file__).parent / "results" / "gpu_fullsize.json"))
     a = ap.parse_args(argv)
-    from auraflow_edge.engine.torch_backend import _quiet_libraries
+    from auraflow_edge.engine.backends.torch_backend import quiet_libraries
 
-    _quiet_libraries()
+    quiet_libraries()
     device = torch.device(a.device)
     cfg = SIZES[a.size]["transformer"]
     rep = Report(
@@ -423,7 +424,9 @@ def main(argv=None) -> int:
     context = stage("text_encoder bf16", lambda e: text_encoder(a.size, device))
     if context is None:
         rep["note"] = "the text encoder failed: the runs use a random context"
-        context = np.random.default_rng(2).standard_normal((2, TEXT_LEN, cfg.joint_attention_dim), np.float32)
+        context = np.random.default_rng(2).standard_normal(
+            (2, TEXT_LENGTH, cfg.joint_attention_dim), np.float32
+        )
     schedule = flow_match_schedule(a.steps)
     latents = {}
     for run in RUNS:

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import triton.testing
-from gpu_report import Report, error_text, machine_info
 
+from auraflow_edge.bench.gpu_report import Report, error_text, machine_info
 from auraflow_edge.kernels.attention import attention, attention_flops, attention_reference
 from auraflow_edge.kernels.gemm import scaled_mm, scaled_mm_reference, weight_only_mm
 from auraflow_edge.kernels.norm_modulate import norm_modulate, norm_modulate_reference, quantize_rows

@@ -23,14 +23,16 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from auraflow_edge.engine.demo import make_tiny_pipeline
-from auraflow_edge.engine.manifest import Manifest
-from auraflow_edge.engine.model_config import AuraFlowConfig
-from auraflow_edge.engine.modulation import ModulationTable
-from auraflow_edge.engine.ort_backend import _session
-from auraflow_edge.engine.ort_int8 import describe_cpu, emulate_matmul, encode_for, int8_encoding
-from auraflow_edge.engine.pipeline import Pipeline, initial_noise
-from auraflow_edge.engine.positions import PositionTable
+from auraflow_edge.bench.mlas_emulator import emulate_matmul, encode_for
+from auraflow_edge.engine.backends.ort_backend import _session
+from auraflow_edge.engine.backends.ort_int8 import describe_cpu, int8_encoding
+from auraflow_edge.engine.model.config import AuraFlowConfig
+from auraflow_edge.engine.runtime.manifest import Manifest
+from auraflow_edge.engine.runtime.modulation import ModulationTable
+from auraflow_edge.engine.runtime.noise import initial_noise
+from auraflow_edge.engine.runtime.pipeline import Pipeline
+from auraflow_edge.engine.runtime.positions import PositionTable
+from auraflow_edge.engine.tiny.random_model import make_tiny_pipeline
 from auraflow_edge.export.build import build_engine
 
 SIDE = 512

@@ -44,7 +44,7 @@ def _paired_times(fn, off, on, repeats: int) -> tuple[float, float]:
 
 def _targets(cfg) -> dict[str, tuple[int, int]]:
     """Every attention and feed-forward linear weight -> (out, in)."""
-    from auraflow_edge.engine.model import AuraFlowTransformer
+    from auraflow_edge.engine.model.transformer import AuraFlowTransformer
 
     with torch.device("meta"):
         shapes = {n: tuple(p.shape) for n, p in AuraFlowTransformer(cfg).named_parameters()}
@@ -64,7 +64,7 @@ def _gflop(targets: dict, tokens: int, rank: int | None) -> float:
 
 
 def _random_lora(targets: dict, rank: int, seed: int):
-    from auraflow_edge.engine.lora import LoraFile, LoraLayer, LoraSet
+    from auraflow_edge.engine.model.lora import LoraFile, LoraLayer, LoraSet
 
     rng = np.random.default_rng(seed)
     layers = {
@@ -87,11 +87,11 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json")
     args = ap.parse_args()
-    from auraflow_edge.engine import torch_quant
-    from auraflow_edge.engine.lora import install_branches, remove_branches
-    from auraflow_edge.engine.model import AuraFlowTransformer
-    from auraflow_edge.engine.model_config import AuraFlowConfig
-    from auraflow_edge.engine.torch_backend import DTYPES
+    from auraflow_edge.engine.backends import torch_quant
+    from auraflow_edge.engine.model.config import AuraFlowConfig
+    from auraflow_edge.engine.model.lora import install_branches, remove_branches
+    from auraflow_edge.engine.model.spec import FLOAT_PRECISIONS, torch_dtype
+    from auraflow_edge.engine.model.transformer import AuraFlowTransformer
 
     torch.manual_seed(0)
     dev = torch.device(args.device)
@@ -121,8 +121,8 @@ def main() -> None:
     print(f"{'precision':>9} {'rank':>4} {'base s/step':>11} {'branch s/step':>13} {'overhead':>8} "
           f"{'branch GFLOP':>12} {'switch s':>8} {'merge+unmerge s':>15} {'unmerge drift':>13}")  # fmt: skip
     for prec in args.precisions.split(","):
-        if prec in DTYPES:
-            dtype = DTYPES[prec]
+        if prec in FLOAT_PRECISIONS:
+            dtype = torch_dtype(prec)
             with torch.device("meta"):
                 model = AuraFlowTransformer(cfg)
             model = model.to_empty(device=dev)
@@ -162,7 +162,7 @@ def main() -> None:
             row = {"precision": prec, "rank": rank, "base_s": base, "branch_s": branch, "switch_s": switch,
                    "branch_gflop": _gflop(targets, tokens, rank), "linear_gflop": lin_gflop,
                    "quantize_calls_in_switch": len(calls)}  # fmt: skip
-            if prec in DTYPES:
+            if prec in FLOAT_PRECISIONS:
                 # the alternative: merge into the weights (switch = unmerge a, merge b)
                 with torch.no_grad():
                     w0 = {n: model.get_submodule(n[:-7]).weight.detach().clone() for n in targets}
@@ -193,7 +193,7 @@ def main() -> None:
                   f"{row['branch_gflop']:>12.2f} {switch:>8.3f} {row.get('merge_switch_s', float('nan')):>15.3f} "
                   f"{row.get('unmerge_drift_rel', float('nan')):>13.2e}", flush=True)  # fmt: skip
     print(f"linear GFLOP per step (targeted linears, no LoRA): {lin_gflop:.1f}")
-    from auraflow_edge.engine.model_config import AURAFLOW_V03
+    from auraflow_edge.engine.model.config import AURAFLOW_V03
 
     full = _targets(AURAFLOW_V03)
     shares = {

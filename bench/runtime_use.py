@@ -21,17 +21,18 @@ from pathlib import Path
 
 import numpy as np
 
-from auraflow_edge.engine.checkpoint import open_model
-from auraflow_edge.engine.manifest import Manifest
-from auraflow_edge.engine.model_config import AuraFlowConfig
-from auraflow_edge.engine.modulation import ModulationTable
-from auraflow_edge.engine.ort_backend import _session
-from auraflow_edge.engine.ort_int8 import describe_cpu
-from auraflow_edge.engine.pipeline import Pipeline
-from auraflow_edge.engine.positions import PositionTable
-from auraflow_edge.export.build import build_engine, policies
+from auraflow_edge.engine.backends.ort_backend import _session
+from auraflow_edge.engine.backends.ort_int8 import describe_cpu
+from auraflow_edge.engine.model.checkpoint import open_model
+from auraflow_edge.engine.model.config import AuraFlowConfig
+from auraflow_edge.engine.runtime.manifest import Manifest
+from auraflow_edge.engine.runtime.modulation import ModulationTable
+from auraflow_edge.engine.runtime.pipeline import Pipeline
+from auraflow_edge.engine.runtime.positions import PositionTable
+from auraflow_edge.export.build import build_engine
 from auraflow_edge.export.components import trace_transformer
 from auraflow_edge.export.onnx_export import save_model, stream_weights
+from auraflow_edge.export.onnx_folder import policies
 
 
 def _static_copy(model: Path, engine: Path, precision: str, side: int) -> Path:
@@ -110,7 +111,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--workdir", type=Path)
     args = ap.parse_args()
-    from auraflow_edge.engine.demo import make_tiny_pipeline
+    from auraflow_edge.engine.tiny.random_model import make_tiny_pipeline
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="afe-use-"))
     model = work / "mid"

@@ -22,14 +22,14 @@ from pathlib import Path
 
 CHILD = r"""
 import sys, time, json, torch
-from auraflow_edge.engine.checkpoint import open_model
-from auraflow_edge.engine.torch_quant import QuantTorchTransformer
-from auraflow_edge.engine.stages import peak_rss
+from auraflow_edge.engine.model.checkpoint import open_model
+from auraflow_edge.engine.backends.torch_quant import QuantTorchTransformer
+from auraflow_edge.engine.runtime.stages import peak_rss
 kind, path = sys.argv[1:3]
 t0 = time.perf_counter()
 if kind == "engine":
-    from auraflow_edge.engine.manifest import Manifest
-    from auraflow_edge.engine.torch_backend import _engine_model
+    from auraflow_edge.engine.runtime.manifest import Manifest
+    from auraflow_edge.engine.backends.torch_backend import _engine_model
     m = Manifest.load(path)
     tr = QuantTorchTransformer(_engine_model(m), "int8", torch.device("cpu"), torch.float32, engine=m)
 else:
@@ -51,9 +51,9 @@ def main() -> None:
     ap.add_argument("--json", type=Path, required=True)
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
-    from auraflow_edge.engine.demo import make_tiny_pipeline, write_random_transformer
-    from auraflow_edge.engine.model_config import AURAFLOW_V03
-    from auraflow_edge.engine.ort_int8 import describe_cpu
+    from auraflow_edge.engine.backends.ort_int8 import describe_cpu
+    from auraflow_edge.engine.model.config import AURAFLOW_V03
+    from auraflow_edge.engine.tiny.random_model import make_tiny_pipeline, write_random_transformer
     from auraflow_edge.export.build import build_engine
 
     w = args.workdir

@@ -10,22 +10,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ..engine.checkpoint import open_model
 from ..engine.errors import UserError
-from ..engine.hub import is_hub_id, snapshot
-from ..engine.lora import with_loras
-from ..engine.model_config import check_latent_size
+from ..engine.model.checkpoint import open_model
+from ..engine.model.config import check_latent_size
+from ..engine.model.hub import is_hub_id, snapshot
+from ..engine.model.lora import with_loras
 from .engine_folder import build_key, finish_folder, reusable
-
-# the export steps and policies live in onnx_folder (the TensorRT builder uses them too); their
-# names stay importable from here
-from .onnx_folder import (  # noqa: F401
-    KEEP_FLOAT,
-    PRECISIONS,
-    export_onnx_folder,
-    export_transformer,
-    policies,
-)
+from .onnx_folder import export_onnx_folder, policies
 
 
 def build_engine(
@@ -77,7 +68,7 @@ def build_engine(
         )
     if backend != "onnxruntime":
         raise UserError(f"unknown build backend {backend!r}; choose onnxruntime, tensorrt or torch")
-    from ..engine.pipeline import check_size
+    from ..engine.model.config import check_size
     from .engine_folder import build_lock
 
     out = Path(out)

@@ -43,12 +43,12 @@ def calibrate(
     """Run the fp32 torch pipeline on ``prompts``; per linear weight name: amax over input channels."""
     import torch
 
-    from ..engine.modulation import modulation_names
-    from ..engine.pipeline import initial_noise
-    from ..engine.sampler import denoise
-    from ..engine.schedule import flow_match_schedule
-    from ..engine.tokenizer import TextTokenizer
-    from ..engine.torch_backend import TorchTextEncoder, TorchTransformer
+    from ..engine.backends.torch_backend import TorchTextEncoder, TorchTransformer
+    from ..engine.runtime.modulation import modulation_names
+    from ..engine.runtime.noise import initial_noise
+    from ..engine.runtime.sampler import denoise
+    from ..engine.runtime.schedule import flow_match_schedule
+    from ..engine.runtime.tokenizer import TextTokenizer
 
     tr = TorchTransformer(mf, "fp32", device)
     skip = set(modulation_names(mf.transformer_cfg))

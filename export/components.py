@@ -1,50 +1,15 @@
-"""One description per exported component: names, dynamic axes, sample inputs, and its tracer.
-
-Export, build and runtime all read these, so tensor names never need translating.
-"""
+"""The tracer of each exported component: a weightless graph from the model definition, with the
+names, shapes and dynamic dimensions of the one component spec (engine/model/spec.py)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ..engine.checkpoint import ModelFolder
-from ..engine.model_config import AuraFlowConfig
-from ..engine.safetensors_io import SafetensorsFile
-
-TEXT_LENGTH = 256
-
-
-@dataclass(frozen=True)
-class ComponentSpec:
-    name: str
-    inputs: tuple[str, ...]
-    outputs: tuple[str, ...]
-    # symbolic axes per input: {input: {axis: dim_name}}
-    dynamic: dict
-
-
-# ``pos``: the positional crop for the image size (engine/positions.py), so no size is baked in
-TRANSFORMER = ComponentSpec(
-    "transformer",
-    ("latents", "context", "modulation", "pos"),
-    ("velocity",),
-    {
-        "latents": {0: "batch", 2: "height", 3: "width"},
-        "context": {0: "batch"},
-        "pos": {1: "rows", 2: "cols"},
-    },
-)
-TEXT_ENCODER = ComponentSpec("text_encoder", ("input_ids", "attention_mask"), ("hidden_states",), {})
-VAE_DECODER = ComponentSpec("vae_decoder", ("latents",), ("image",), {"latents": {2: "height", 3: "width"}})
-
-
-def _torch_dtype(name: str):
-    import torch
-
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+from ..engine.model.config import AuraFlowConfig
+from ..engine.model.safetensors_io import SafetensorsFile
+from ..engine.model.spec import TEXT_ENCODER, TEXT_LENGTH, TRANSFORMER, VAE_DECODER, dims, torch_dtype
 
 
 def trace_transformer(
@@ -60,7 +25,7 @@ def trace_transformer(
     ``attention_plugin``: attention as one auraflow_edge.AuraFlowAttention node (TensorRT plugin)."""
     import torch
 
-    from ..engine.model import AuraFlowTransformer
+    from ..engine.model.transformer import AuraFlowTransformer
     from .onnx_export import trace
 
     class Folded(torch.nn.Module):
@@ -71,16 +36,12 @@ def trace_transformer(
         def forward(self, latents, context, modulation, pos):
             return self.m(latents, context, modulation=modulation, pos=pos)
 
-    dt = _torch_dtype(act_dtype)
+    dt = torch_dtype(act_dtype)
+    shapes = TRANSFORMER.shapes(dims(cfg, 2, height, width))
     with torch.device("meta"):
         model = Folded(AuraFlowTransformer(cfg)).to(dt).eval()
         # Modulation linears and the timestep MLP are folded out: they must not reach the graph.
-        args = (
-            torch.zeros(2, cfg.in_channels, height // 8, width // 8, dtype=dt),
-            torch.zeros(2, TEXT_LENGTH, cfg.joint_attention_dim, dtype=dt),
-            torch.zeros(1, cfg.num_modulations, cfg.hidden, dtype=dt),
-            torch.zeros(1, height // 16, width // 16, cfg.hidden, dtype=dt),  # (1, H/p, W/p, D)
-        )
+        args = tuple(torch.zeros(shapes[n], dtype=dt) for n in TRANSFORMER.inputs)
     table = None
     if attention_plugin:
         from . import tensorrt_plugin
@@ -90,7 +51,7 @@ def trace_transformer(
     batch = torch.export.Dim("batch", min=1, max=2)
     if not dynamic_size:  # one size baked in (bench/runtime_use.py compares against it)
         dyn = {"latents": {0: batch}, "context": {0: batch}, "modulation": None, "pos": None}
-        proto = trace(model, args, TRANSFORMER.inputs, TRANSFORMER.outputs, dyn, table)
+        proto = trace(model, args, TRANSFORMER.input_names, TRANSFORMER.outputs, dyn, table)
         return proto, (lambda n: n[2:] if n.startswith("m.") else n)
     # patch rows / columns: any size the positional grid covers (sample size only for the trace)
     rows, cols = (torch.export.Dim(n, min=2, max=cfg.grid) for n in ("rows", "cols"))
@@ -101,7 +62,7 @@ def trace_transformer(
         "modulation": None,
         "pos": {1: rows, 2: cols},
     }
-    proto = trace(model, args, TRANSFORMER.inputs, TRANSFORMER.outputs, dyn, table)
+    proto = trace(model, args, TRANSFORMER.input_names, TRANSFORMER.outputs, dyn, table)
     return proto, (lambda n: n[2:] if n.startswith("m.") else n)
 
 
@@ -122,11 +83,12 @@ def trace_text_encoder(folder: Path, act_dtype: str = "fp32"):
             h = self.m(input_ids=input_ids, attention_mask=attention_mask)[0]
             return h * attention_mask[..., None].to(h.dtype)  # pad positions zeroed, as the pipeline does
 
-    dt = _torch_dtype(act_dtype)
+    dt = torch_dtype(act_dtype)
+    ids, mask = TEXT_ENCODER.shapes({"text": TEXT_LENGTH}).values()
     with torch.device("meta"):
         model = Enc().to(dt).eval()
-        args = (torch.zeros(1, TEXT_LENGTH, dtype=torch.long), torch.ones(1, TEXT_LENGTH, dtype=torch.long))
-    proto = trace(model, args, TEXT_ENCODER.inputs, TEXT_ENCODER.outputs)
+        args = (torch.zeros(ids, dtype=torch.long), torch.ones(mask, dtype=torch.long))
+    proto = trace(model, args, TEXT_ENCODER.input_names, TEXT_ENCODER.outputs)
     return proto, (lambda n: n[2:] if n.startswith("m.") else n)
 
 
@@ -151,7 +113,7 @@ def trace_vae_decoder(folder: Path):
         model = Dec().eval()
         args = (torch.zeros(1, cfg["latent_channels"], 16, 24),)
     h, w = torch.export.Dim("h", min=2, max=512), torch.export.Dim("w", min=2, max=512)
-    proto = trace(model, args, VAE_DECODER.inputs, VAE_DECODER.outputs, {"latents": {2: h, 3: w}})
+    proto = trace(model, args, VAE_DECODER.input_names, VAE_DECODER.outputs, {"latents": {2: h, 3: w}})
     return proto, (lambda n: n[2:] if n.startswith("m.") else n)
 
 
@@ -159,7 +121,7 @@ class FolderReader:
     """Reads a component's safetensors by name (aliases for tied weights)."""
 
     def __init__(self, folder: Path, aliases: dict[str, str] | None = None):
-        from ..engine.checkpoint import safetensors_files
+        from ..engine.model.checkpoint import safetensors_files
 
         self.index: dict[str, SafetensorsFile] = {}
         for f in safetensors_files(folder):
@@ -173,10 +135,6 @@ class FolderReader:
         if key not in self.index:
             raise KeyError(name)
         return self.index[key].read(key)
-
-
-def transformer_reader(mf: ModelFolder):
-    return mf.weights.read
 
 
 def text_encoder_aliases() -> dict[str, str]:

@@ -72,7 +72,7 @@ def build_lock(out: Path) -> Iterator[Path]:
 def reusable(out: Path, key: str, force: bool, quiet: bool) -> bool:
     """True when ``out`` already holds the engine with this build key (reuse it); refuses a folder
     holding something else unless ``force``; False when the build should go ahead."""
-    from ..engine.manifest import MANIFEST, Manifest
+    from ..engine.runtime.manifest import MANIFEST, Manifest
 
     if (out / MANIFEST).exists() and not force:
         try:
@@ -91,7 +91,7 @@ def reusable(out: Path, key: str, force: bool, quiet: bool) -> bool:
 
 def finish_folder(tmp: Path, out: Path, data: dict) -> None:
     """Checksum every file of the assembled folder into its manifest, then move it into place."""
-    from ..engine.manifest import MANIFEST, file_entry, write_manifest
+    from ..engine.runtime.manifest import MANIFEST, file_entry, write_manifest
 
     files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file() and p.name != MANIFEST)
     data["files"] = {f: file_entry(tmp, f) for f in files}
@@ -149,8 +149,8 @@ class Progress:
 
 def build_key(mf, backend, precision, pol, height, width, extra=None) -> str:
     """Everything that made an engine: a rebuild with the same key reuses the folder."""
-    from ..engine.lora import fingerprints, lora_records
-    from ..engine.manifest import VERSION
+    from ..engine.model.lora import fingerprints, lora_records
+    from ..engine.runtime.manifest import VERSION
     from .onnx_export import OPSET
 
     key_data = {

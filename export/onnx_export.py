@@ -22,7 +22,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from . import quantize as qz
+from ..engine.model import quant as qz
+from ..engine.model.spec import NUMPY_DTYPES
 
 OPSET = 21
 _ONNX_TYPES = {
@@ -35,11 +36,6 @@ _ONNX_TYPES = {
     np.dtype(np.int64): TensorProto.INT64,
     np.dtype(np.int32): TensorProto.INT32,
 }
-FLOAT_DTYPES = {
-    "fp32": np.dtype(np.float32),
-    "fp16": np.dtype(np.float16),
-    "bf16": np.dtype(ml_dtypes.bfloat16),
-}
 
 
 @dataclass(frozen=True)
@@ -47,7 +43,7 @@ class WeightPolicy:
     """How the linear weights of one graph are stored.
 
     ``fmt``: "float" (in ``act_dtype``), "int8", "fp8" or "int4". ``keep``: name fragments of
-    linears left in float (decided by measured error, see bench/precision_error.py).
+    linears left in float (engine/model/spec.py KEEP_FLOAT).
     ``ort_native``: int8/int4 as com.microsoft.MatMulNBits, which ONNX Runtime keeps packed
     (it expands DequantizeLinear weights to fp32 at session creation).
     """
@@ -169,19 +165,9 @@ def stream_weights(
     in the graph (default: the activation dtype).
     """
     g = model.graph
-    act = FLOAT_DTYPES[policy.act_dtype]
+    act = NUMPY_DTYPES[policy.act_dtype]
     params = _dangling(g)
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    # Linear weights: Transpose(W) whose every consumer is a MatMul taking it as B.
-    linear = {}
-    for n in g.node:
-        if n.op_type == "Transpose" and n.input[0] in params:
-            users = consumers.get(n.output[0], [])
-            if users and all(u.op_type == "MatMul" and u.input[1] == n.output[0] for u in users):
-                linear[n.input[0]] = (n, users)
+    linear = _linear_weights(g, params)
     writer = _DataWriter(data_path)
     stats = StreamStats()
     new_nodes: list[onnx.NodeProto] = []
@@ -205,42 +191,12 @@ def stream_weights(
             nbits = {"int8": 8, "int4": 4}.get(fmt)
             block = _nbits_block(w.shape[1], policy.int4_block if fmt == "int4" else 128)
             if policy.ort_native and fmt == "int8" and policy.ort_int8 == "dynamic":
-                # ONNX Runtime's fastest CPU int8 path: activations quantized per tensor at run time
-                # (uint8, asymmetric), int8 weights per output channel, int32 accumulate.
-                q, s = qz.quantize_int8(w)
-                qt = np.ascontiguousarray(q.T)  # (in, out)
-                g.initializer.append(writer.array(name + "_q", qt))
-                g.initializer.append(writer.array(name + "_scale", s.astype(np.float32)))
-                stats.add(fmt, qt.nbytes + s.nbytes)
-                for u in users:
-                    replace_node[id(u)] = helper.make_node(
-                        "DynamicQuantizeMatMul",
-                        [u.input[0], name + "_q", name + "_scale"],
-                        list(u.output),
-                        domain="com.microsoft",
-                    )
+                replace_node.update(_dynamic_int8(writer, g, name, w, users, stats))
                 uses_ms = True
             elif policy.ort_native and nbits and block:
-                q, s = qz.quantize_int4(w, policy.int4_block) if fmt == "int4" else qz.quantize_int8(w)
-                if fmt == "int8":  # per-channel scale, repeated over the blocks
-                    s = np.repeat(s[:, None], w.shape[1] // block, axis=1)
-                blob = qz.matmul_nbits_blob(q, nbits, block)
-                g.initializer.append(writer.array(name + "_nbits", blob))
-                g.initializer.append(writer.array(name + "_nbits_scale", s.astype(act).reshape(-1)))
-                stats.add(fmt, blob.nbytes + s.size * act.itemsize)
-                for u in users:
-                    mm = helper.make_node(
-                        "MatMulNBits",
-                        [u.input[0], name + "_nbits", name + "_nbits_scale"],
-                        list(u.output),
-                        domain="com.microsoft",
-                        K=w.shape[1],
-                        N=w.shape[0],
-                        bits=nbits,
-                        block_size=block,
-                        accuracy_level=4,
-                    )
-                    replace_node[id(u)] = mm
+                replace_node.update(
+                    _matmul_nbits(writer, g, name, w, users, fmt, nbits, block, policy, act, stats)
+                )
                 uses_ms = True
             elif fmt == "float":
                 wt = np.ascontiguousarray(w.T).astype(act)  # (in, out): no Transpose at run time
@@ -273,6 +229,68 @@ def stream_weights(
     if uses_ms and not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return stats
+
+
+def _linear_weights(g: onnx.GraphProto, params) -> dict:
+    """Linear weights: Transpose(W) whose every consumer is a MatMul taking it as B.
+    -> {weight name: (transpose node, its MatMul users)}."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    linear = {}
+    for n in g.node:
+        if n.op_type == "Transpose" and n.input[0] in params:
+            users = consumers.get(n.output[0], [])
+            if users and all(u.op_type == "MatMul" and u.input[1] == n.output[0] for u in users):
+                linear[n.input[0]] = (n, users)
+    return linear
+
+
+def _dynamic_int8(writer, g, name: str, w: np.ndarray, users, stats) -> dict:
+    """ONNX Runtime's fastest CPU int8 path: activations quantized per tensor at run time (uint8,
+    asymmetric), int8 weights per output channel, int32 accumulate. -> {id(MatMul): replacement}."""
+    q, s = qz.quantize_int8(w)
+    qt = np.ascontiguousarray(q.T)  # (in, out)
+    g.initializer.append(writer.array(name + "_q", qt))
+    g.initializer.append(writer.array(name + "_scale", s.astype(np.float32)))
+    stats.add("int8", qt.nbytes + s.nbytes)
+    ins = [name + "_q", name + "_scale"]
+    return {
+        id(u): helper.make_node(
+            "DynamicQuantizeMatMul", [u.input[0], *ins], list(u.output), domain="com.microsoft"
+        )
+        for u in users
+    }
+
+
+def _matmul_nbits(
+    writer, g, name: str, w, users, fmt: str, nbits: int, block: int, policy, act, stats
+) -> dict:
+    """int8 / int4 weights packed for com.microsoft.MatMulNBits. -> {id(MatMul): replacement}."""
+    q, s = qz.quantize_int4(w, policy.int4_block) if fmt == "int4" else qz.quantize_int8(w)
+    if fmt == "int8":  # per-channel scale, repeated over the blocks
+        s = np.repeat(s[:, None], w.shape[1] // block, axis=1)
+    blob = qz.matmul_nbits_blob(q, nbits, block)
+    g.initializer.append(writer.array(name + "_nbits", blob))
+    g.initializer.append(writer.array(name + "_nbits_scale", s.astype(act).reshape(-1)))
+    stats.add(fmt, blob.nbytes + s.size * act.itemsize)
+    k, n = w.shape[1], w.shape[0]
+    ins = [name + "_nbits", name + "_nbits_scale"]
+    return {
+        id(u): helper.make_node(
+            "MatMulNBits",
+            [u.input[0], *ins],
+            list(u.output),
+            domain="com.microsoft",
+            K=k,
+            N=n,
+            bits=nbits,
+            block_size=block,
+            accuracy_level=4,
+        )  # fmt: skip
+        for u in users
+    }
 
 
 def _nbits_block(k: int, want: int) -> int | None:

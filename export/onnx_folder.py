@@ -8,23 +8,20 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
-from ..engine.checkpoint import open_model
 from ..engine.errors import UserError
-from ..engine.lora import lora_records, lora_targets, with_loras
-from ..engine.model_config import check_latent_size
-from ..engine.modulation import modulation_format, write_modulation_weights
-from ..engine.positions import write_position_table
+from ..engine.model.checkpoint import open_model
+from ..engine.model.config import check_latent_size
+from ..engine.model.lora import lora_records, lora_targets, with_loras
+from ..engine.model.spec import KEEP_FLOAT, TEXT_ENCODER, TRANSFORMER, VAE_DECODER
+from ..engine.runtime.modulation import modulation_format, write_modulation_weights
+from ..engine.runtime.positions import write_position_table
 from .engine_folder import Progress, build_key, source_fingerprint, tool_versions
 from .onnx_export import OPSET, WeightPolicy, save_model, stream_weights
 
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "int8", "int4")
-# Linears kept in high precision in every quantized build (see bench/precision_error.py):
-# the patch embedding (K = 16) and the final projection (N = 16) are tiny and sit at the ends of
-# the network where their error is not averaged away.
-KEEP_FLOAT = ("pos_embed.proj", "proj_out")
 
 
 ORT_INT8_KERNELS = ("dynamic", "nbits")
@@ -80,85 +77,26 @@ def export_onnx_folder(
 ) -> dict:
     """Export the three components (ONNX + external data), the modulation weights and the tokenizer
     into ``tmp``; returns the manifest data (without the file list)."""
-    from .components import FolderReader, text_encoder_aliases, trace_text_encoder, trace_vae_decoder
-
     # LoRAs merge into each weight as it is streamed (and into the folded modulation weights)
     mf = with_loras(open_model(model, components), loras)
     check_latent_size(mf.transformer_cfg, height // 8, width // 8)
     pol = policies(precision, backend, int4_block, ort_int8)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     prog = Progress(quiet)
-    cfg = mf.transformer_cfg
     stats, calib = None, None
     if act_quant:
         if act_quant != precision or precision not in ("int8", "fp8"):
             raise UserError(
                 "--act-quant needs --precision int8 (with --act-quant int8) or fp8 (with --act-quant fp8)"
             )
-        from dataclasses import replace
-
-        from ..engine.safetensors_io import save_file
-        from .calibrate import CALIBRATION_PROMPTS, calibrate
-
-        prompts = CALIBRATION_PROMPTS[: max(1, calibration_prompts)]
-        side = min(512, height, width)
-        prog.say(f"calibrating activations on {len(prompts)} prompts ({side}x{side}, 4 steps)")
-        stats = calibrate(mf, prompts, steps=4, height=side, width=side)
-        save_file(stats, tmp / "calibration.safetensors")
+        stats, calib = _calibrate(mf, tmp, prog, min(512, height, width), calibration_prompts, act_quant)
         pol["transformer"] = replace(
             pol["transformer"], ort_native=False, act_quant=act_quant, smooth_alpha=smooth_alpha
         )
-        calib = {
-            "act_quant": act_quant,
-            "prompts": prompts,
-            "steps": 4,
-            "size": side,
-            "smooth_alpha": smooth_alpha,
-            "file": "calibration.safetensors",
-        }
+        calib["smooth_alpha"] = smooth_alpha
     comps = export_transformer(mf, tmp, pol["transformer"], height, width, prog, attention_plugin, stats)
-
-    te_dir = mf.component("text_encoder")
-    tcfg = json.loads((te_dir / "config.json").read_text())
-    prog.say("tracing the text encoder")
-    proto, rename = trace_text_encoder(te_dir, pol["text_encoder"].act_dtype)
-    rd = FolderReader(te_dir, text_encoder_aliases())
-    st = stream_weights(
-        proto,
-        lambda n: rd(rename(n)),
-        pol["text_encoder"],
-        tmp / "text_encoder.onnx.data",
-        progress=prog.bar("text encoder"),
-    )
-    save_model(proto, tmp / "text_encoder.onnx")
-    comps["text_encoder"] = {
-        "file": "text_encoder.onnx",
-        "data": "text_encoder.onnx.data",
-        "inputs": ["input_ids", "attention_mask"],
-        "outputs": ["hidden_states"],
-        "dtype": pol["text_encoder"].act_dtype,
-        "weight_bytes": st.bytes_written,
-        "dims": [tcfg.get("d_model"), tcfg.get("d_ff"), tcfg.get("num_heads")],
-    }
-
-    vae_dir = mf.component("vae")
-    prog.say("tracing the VAE decoder")
-    vcfg = json.loads((vae_dir / "config.json").read_text())
-    proto, rename = trace_vae_decoder(vae_dir)
-    rd = FolderReader(vae_dir)
-    st = stream_weights(proto, lambda n: rd(rename(n)), pol["vae_decoder"], tmp / "vae_decoder.onnx.data")
-    save_model(proto, tmp / "vae_decoder.onnx")
-    comps["vae_decoder"] = {
-        "file": "vae_decoder.onnx",
-        "data": "vae_decoder.onnx.data",
-        "inputs": ["latents"],
-        "outputs": ["image"],
-        "dtype": "fp32",
-        "scaling_factor": float(vcfg.get("scaling_factor", 0.13025)),
-        "channels": int(vcfg.get("block_out_channels", [128])[0]),
-        "weight_bytes": st.bytes_written,
-    }
-
+    comps["text_encoder"] = _export_text_encoder(mf, tmp, pol["text_encoder"], prog)
+    comps["vae_decoder"] = _export_vae_decoder(mf, tmp, pol["vae_decoder"], prog)
     tok = mf.component("tokenizer")
     (tmp / "tokenizer").mkdir()
     for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
@@ -171,7 +109,7 @@ def export_onnx_folder(
         "precision": precision,
         "quantization": {k: asdict(v) for k, v in pol.items()},
         "source": {"model": str(model), "fingerprint": source_fingerprint(mf)},
-        "transformer_config": cfg.to_dict(),
+        "transformer_config": mf.transformer_cfg.to_dict(),
         "scheduler": {"shift": mf.scheduler_shift()},
         "default_size": list(mf.default_size()),
         "opset": OPSET,
@@ -181,6 +119,69 @@ def export_onnx_folder(
         "lora_targets": lora_targets(mf.weights),
         "components": comps,
         "tools": tool_versions(),
+    }
+
+
+def _calibrate(mf, tmp: Path, prog, side: int, n_prompts: int, act_quant: str) -> tuple[dict, dict]:
+    """Activation statistics for static 8-bit activations, saved beside the graphs."""
+    from ..engine.model.safetensors_io import save_file
+    from .calibrate import CALIBRATION_PROMPTS, calibrate
+
+    prompts = CALIBRATION_PROMPTS[: max(1, n_prompts)]
+    prog.say(f"calibrating activations on {len(prompts)} prompts ({side}x{side}, 4 steps)")
+    stats = calibrate(mf, prompts, steps=4, height=side, width=side)
+    save_file(stats, tmp / "calibration.safetensors")
+    info = {
+        "act_quant": act_quant,
+        "prompts": prompts,
+        "steps": 4,
+        "size": side,
+        "file": "calibration.safetensors",
+    }
+    return stats, info
+
+
+def _export_text_encoder(mf, tmp: Path, policy: WeightPolicy, prog) -> dict:
+    from .components import FolderReader, text_encoder_aliases, trace_text_encoder
+
+    te_dir = mf.component("text_encoder")
+    tcfg = json.loads((te_dir / "config.json").read_text())
+    prog.say("tracing the text encoder")
+    proto, rename = trace_text_encoder(te_dir, policy.act_dtype)
+    rd = FolderReader(te_dir, text_encoder_aliases())
+    data = tmp / "text_encoder.onnx.data"
+    st = stream_weights(proto, lambda n: rd(rename(n)), policy, data, progress=prog.bar("text encoder"))
+    save_model(proto, tmp / "text_encoder.onnx")
+    return {
+        "file": "text_encoder.onnx",
+        "data": data.name,
+        "inputs": list(TEXT_ENCODER.input_names),
+        "outputs": list(TEXT_ENCODER.outputs),
+        "dtype": policy.act_dtype,
+        "weight_bytes": st.bytes_written,
+        "dims": [tcfg.get("d_model"), tcfg.get("d_ff"), tcfg.get("num_heads")],
+    }
+
+
+def _export_vae_decoder(mf, tmp: Path, policy: WeightPolicy, prog) -> dict:
+    from .components import FolderReader, trace_vae_decoder
+
+    vae_dir = mf.component("vae")
+    prog.say("tracing the VAE decoder")
+    vcfg = json.loads((vae_dir / "config.json").read_text())
+    proto, rename = trace_vae_decoder(vae_dir)
+    rd = FolderReader(vae_dir)
+    st = stream_weights(proto, lambda n: rd(rename(n)), policy, tmp / "vae_decoder.onnx.data")
+    save_model(proto, tmp / "vae_decoder.onnx")
+    return {
+        "file": "vae_decoder.onnx",
+        "data": "vae_decoder.onnx.data",
+        "inputs": list(VAE_DECODER.input_names),
+        "outputs": list(VAE_DECODER.outputs),
+        "dtype": "fp32",
+        "scaling_factor": float(vcfg.get("scaling_factor", 0.13025)),
+        "channels": int(vcfg.get("block_out_channels", [128])[0]),
+        "weight_bytes": st.bytes_written,
     }
 
 
@@ -197,7 +198,7 @@ def export_transformer(
     """The transformer graph + weights and the folded modulation weights, streamed into ``folder``.
     ``act_stats`` (weight name -> per-input-channel activation amax) enables W8A8 Q/DQ when the
     policy asks for activation quantization."""
-    from .components import TRANSFORMER, trace_transformer
+    from .components import trace_transformer
 
     prog = prog or Progress(True)
     cfg = mf.transformer_cfg
@@ -223,7 +224,7 @@ def export_transformer(
         "transformer": {
             "file": "transformer.onnx",
             "data": "transformer.onnx.data",
-            "inputs": list(TRANSFORMER.inputs),
+            "inputs": list(TRANSFORMER.input_names),
             "outputs": list(TRANSFORMER.outputs),
             "dtype": policy.act_dtype,
             "max_side": cfg.max_pixels_side,  # any multiple of 16 up to this, no rebuild

@@ -15,8 +15,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..engine.backends.gpu import gpu_identity
 from ..engine.errors import UserError
-from ..engine.model_config import AuraFlowConfig
+from ..engine.model.config import AuraFlowConfig
+from ..engine.model.spec import TEXT_ENCODER, TRANSFORMER, VAE_DECODER, dims
 
 # ONNX operators TensorRT 10 does not parse (onnx-tensorrt docs/operators.md, "N" rows), plus any
 # operator outside the standard domain except our plugin's.
@@ -69,54 +71,37 @@ class Profile:
     shapes: dict  # name -> (min, opt, max)
 
 
-def transformer_profiles(
-    cfg: AuraFlowConfig, shapes: list[tuple[int, int]], dynamic: bool, text_len: int = 256
-) -> list[Profile]:
-    """Static: one profile per shape set (fastest kernels). Dynamic: one profile from 256 px to the
-    largest side the positional grid allows. Batch 1..2 (CFG batch 2 is the optimum)."""
-    c, m = cfg.in_channels, cfg.num_modulations
-    mod = ((1, m, cfg.hidden),) * 3
-    ctx = lambda b: (b, text_len, cfg.joint_attention_dim)  # noqa: E731
-    pos = lambda h, w: (1, h // 16, w // 16, cfg.hidden)  # noqa: E731  the positional crop input
+def _profile(spec, points, cfg: AuraFlowConfig, **dim_kw) -> Profile:
+    """min / opt / max shapes of every input of ``spec`` at three (batch, height, width) points."""
+    per = [spec.shapes(dims(cfg, *pt, **dim_kw)) for pt in points]
+    return Profile({n: tuple(p[n] for p in per) for n in spec.input_names})
 
-    def profile(lat, sides):
-        shapes = {"latents": lat, "context": (ctx(1), ctx(2), ctx(2)), "modulation": mod}
-        return Profile({**shapes, "pos": tuple(pos(h, w) for h, w in sides)})
 
+def _points(shapes: list[tuple[int, int]], dynamic: bool, max_side: int, batch: int):
+    """Static: one profile per size (fastest kernels). Dynamic: one from 256 px to ``max_side``,
+    optimal at the first size. Batch from 1 (no CFG) to ``batch``, optimal at ``batch``."""
     if dynamic:
-        top = cfg.max_pixels_side
-        oh, ow = shapes[0]
-        lat = ((1, c, 32, 32), (2, c, oh // 8, ow // 8), (2, c, top // 8, top // 8))
-        return [profile(lat, ((256, 256), (oh, ow), (top, top)))]
-    out = []
-    for h, w in shapes:
-        lat = ((1, c, h // 8, w // 8), (2, c, h // 8, w // 8), (2, c, h // 8, w // 8))
-        out.append(profile(lat, ((h, w),) * 3))
-    return out
+        (oh, ow), top = shapes[0], max_side
+        return [[(1, 256, 256), (batch, oh, ow), (batch, top, top)]]
+    return [[(1, h, w), (batch, h, w), (batch, h, w)] for h, w in shapes]
+
+
+def transformer_profiles(cfg: AuraFlowConfig, shapes: list[tuple[int, int]], dynamic: bool) -> list[Profile]:
+    """Batch 1..2 (CFG batch 2 is the optimum); sizes up to the largest the positional grid allows."""
+    return [_profile(TRANSFORMER, pts, cfg) for pts in _points(shapes, dynamic, cfg.max_pixels_side, 2)]
 
 
 def vae_profiles(
-    shapes: list[tuple[int, int]], dynamic: bool, max_side: int, channels: int = 4
+    cfg: AuraFlowConfig, shapes: list[tuple[int, int]], dynamic: bool, channels: int = 4
 ) -> list[Profile]:
-    if dynamic:
-        oh, ow = shapes[0]
-        return [
-            Profile(
-                {
-                    "latents": (
-                        (1, channels, 32, 32),
-                        (1, channels, oh // 8, ow // 8),
-                        (1, channels, max_side // 8, max_side // 8),
-                    )
-                }
-            )
-        ]
-    return [Profile({"latents": ((1, channels, h // 8, w // 8),) * 3}) for h, w in shapes]
+    return [
+        _profile(VAE_DECODER, pts, cfg, latent_channels=channels)
+        for pts in _points(shapes, dynamic, cfg.max_pixels_side, 1)
+    ]
 
 
-def text_encoder_profiles(text_len: int = 256) -> list[Profile]:
-    s = ((1, text_len),) * 3
-    return [Profile({"input_ids": s, "attention_mask": s})]
+def text_encoder_profiles(cfg: AuraFlowConfig) -> list[Profile]:
+    return [_profile(TEXT_ENCODER, [(1, 256, 256)] * 3, cfg)]
 
 
 def engine_key(
@@ -154,7 +139,7 @@ def weight_streaming_plan(
     return StreamingPlan(True, room, weight_bytes - room)
 
 
-def _require_tensorrt():
+def require_tensorrt():
     try:
         import tensorrt as trt  # noqa: F401
     except ImportError:
@@ -163,15 +148,6 @@ def _require_tensorrt():
             "or build for ONNX Runtime with --backend onnxruntime"
         ) from None
     return trt
-
-
-def gpu_identity() -> tuple[str, tuple[int, int]]:  # pragma: no cover - needs a GPU
-    from cuda.bindings import runtime as cudart
-
-    err, props = cudart.cudaGetDeviceProperties(0)
-    if err != cudart.cudaError_t.cudaSuccess:
-        raise UserError("no CUDA GPU visible; TensorRT engines are built on the GPU they run on")
-    return props.name.decode().rstrip("\0"), (props.major, props.minor)
 
 
 def build_one(
@@ -285,15 +261,15 @@ def build_tensorrt(
             "plugin's kernel needs more (68-96 KiB at head_dim 256); build without --attention-plugin, "
             "or with --hardware-compat none or same-cc"
         )
-    trt = _require_tensorrt()  # before spending minutes on the export
-    from ..engine.manifest import MANIFEST, Manifest
-    from ..engine.planner import parse_bytes
+    trt = require_tensorrt()  # before spending minutes on the export
+    from ..engine.runtime.manifest import MANIFEST, Manifest
+    from ..engine.runtime.planner import block_activations, parse_bytes
     from .engine_folder import build_lock, finish_folder
     from .onnx_folder import export_onnx_folder
 
     out = Path(out)
     if height is None or width is None:  # the checkpoint's default size, as diffusers picks it
-        from ..engine.checkpoint import open_model
+        from ..engine.model.checkpoint import open_model
 
         dh, dw = open_model(model, components).default_size()
         height, width = height or dh, width or dw
@@ -309,7 +285,7 @@ def build_tensorrt(
                 "(engines for several GPUs share a folder only at the same precision)"
             )
         if key in m.get("engines", {}):
-            from ..engine.lora import fingerprints, requested
+            from ..engine.model.lora import fingerprints, requested
 
             same_refit = bool(m["engines"][key].get("refittable")) == refittable
             if fingerprints(m.get("loras", [])) != requested(loras) or not same_refit:
@@ -342,15 +318,15 @@ def build_tensorrt(
             if bad:
                 raise UserError(f"{name} graph has operators TensorRT cannot parse: {', '.join(bad)}")
         budget = parse_bytes(vram_budget) if vram_budget else None
-        act = 2 * (256 + 8 + (h0 // 16) * (w0 // 16)) * (8 * cfg.hidden + 3 * cfg.ff_hidden) * 2
+        act = block_activations(cfg, h0, w0, batch=2, act_bytes=2)  # CFG batch, 16-bit activations
         ws = weight_streaming_plan(comps["transformer"]["weight_bytes"], act, budget)
         workspace = min(budget // 4 if budget else 4 << 30, 4 << 30)
         cache = Path(timing_cache) if timing_cache else None
         engines = {}
         specs = {
             "transformer": (transformer_profiles(cfg, shape_list, dynamic_shapes), ws.enable),
-            "text_encoder": (text_encoder_profiles(), False),
-            "vae_decoder": (vae_profiles(shape_list, dynamic_shapes, cfg.max_pixels_side), False),
+            "text_encoder": (text_encoder_profiles(cfg), False),
+            "vae_decoder": (vae_profiles(cfg, shape_list, dynamic_shapes), False),
         }
         for name, (profs, stream) in specs.items():
             if not quiet:

@@ -75,7 +75,7 @@ def torch_op():
     def attention(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float, scale: float, q_norm: int
     ) -> torch.Tensor:
-        from ..engine.model import fp32_layer_norm
+        from ..engine.model.transformer import fp32_layer_norm
         from ..kernels.attention import attention_reference
 
         q = fp32_layer_norm(q, eps) if q_norm else q
@@ -108,7 +108,7 @@ def translation_table() -> dict:
 
 def install(model) -> None:
     """Route every attention of an AuraFlowTransformer through the custom op."""
-    from ..engine.model import fp32_layer_norm
+    from ..engine.model.transformer import fp32_layer_norm
     from ..kernels.attention import q_norm_in_kernel
 
     op = torch_op()

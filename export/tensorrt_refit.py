@@ -31,12 +31,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..engine.checkpoint import open_model
 from ..engine.errors import UserError
-from ..engine.lora import folded_names, lora_records, lora_targets, with_loras
-from ..engine.manifest import Manifest, file_entry, write_manifest
-from ..engine.model_config import AuraFlowConfig
-from ..engine.modulation import modulation_format, write_modulation_weights
+from ..engine.model.checkpoint import open_model
+from ..engine.model.config import AuraFlowConfig
+from ..engine.model.lora import folded_names, lora_records, lora_targets, with_loras
+from ..engine.runtime.manifest import Manifest, file_entry, write_manifest
+from ..engine.runtime.modulation import modulation_format, write_modulation_weights
 from .onnx_export import WeightPolicy, stream_weights
 
 # trace_transformer wraps the model as ``m``: its parameters are named "m." + our weight name
@@ -149,7 +149,7 @@ def refit_engine(
 ) -> Path:
     """Swap the folder's merged LoRAs for ``loras`` ([(file, scale)]; none restores the base model)."""
     from .engine_folder import build_key, source_fingerprint
-    from .tensorrt_build import _require_tensorrt, gpu_identity
+    from .tensorrt_build import gpu_identity, require_tensorrt
 
     folder = Path(engine_dir)
     m = Manifest.load(folder)
@@ -166,8 +166,8 @@ def refit_engine(
         raise UserError(
             f"{folder}: holds engines for several GPUs; a refit would leave the others stale: rebuild"
         )
-    trt = _require_tensorrt()
-    from ..engine.tensorrt_backend import select_engine
+    trt = require_tensorrt()
+    from ..engine.backends.tensorrt_backend import select_engine
 
     gpu, cc = gpu_identity()
     key, entry = select_engine(m, gpu, cc, trt.__version__)

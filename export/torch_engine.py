@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from ..engine.errors import UserError
-from ..engine.modulation import modulation_names, write_modulation_weights
-from ..engine.safetensors_io import save_streamed
+from ..engine.model.safetensors_io import save_streamed
+from ..engine.runtime.modulation import modulation_names, write_modulation_weights
 from .engine_folder import build_lock, finish_folder, reusable
 
 COMPONENTS = ("text_encoder", "vae", "tokenizer", "scheduler")
@@ -30,7 +30,7 @@ def packed_layout(cfg, names, shape, fmt: str, block: int) -> dict[str, tuple]:
     kept linears and where an int4 block does not divide K)."""
     import ml_dtypes
 
-    from ..engine.torch_quant import KEEP_FLOAT
+    from ..engine.model.spec import keeps_float
 
     folded = set(modulation_names(cfg))
     out = {}
@@ -38,7 +38,7 @@ def packed_layout(cfg, names, shape, fmt: str, block: int) -> dict[str, tuple]:
         if not n.endswith(".weight") or n in folded or n.startswith("time_step_proj."):
             continue
         s = shape(n)
-        if len(s) != 2 or any(k in n for k in KEEP_FLOAT) or n.startswith("pos_embed.pos_embed"):
+        if len(s) != 2 or keeps_float(n) or n.startswith("pos_embed.pos_embed"):
             continue
         if fmt == "int4" and s[1] % block:
             continue  # a block that does not divide K: float, as build_quantized_transformer keeps it
@@ -63,7 +63,7 @@ def _to_numpy(t) -> np.ndarray:
 def write_transformer(mf, path: Path, fmt: str, block: int, progress=None) -> tuple[int, dict]:
     import torch
 
-    from ..engine.torch_quant import quantize_weight
+    from ..engine.backends.torch_quant import quantize_weight
 
     cfg, w = mf.transformer_cfg, mf.weights
     folded = set(modulation_names(cfg))
@@ -120,8 +120,8 @@ def build_torch_engine(
     loras=None,
     hub: dict | None = None,
 ) -> Path:
-    from ..engine.checkpoint import open_model
-    from ..engine.torch_quant import QUANT_PRECISIONS
+    from ..engine.model.checkpoint import open_model
+    from ..engine.model.spec import QUANT_PRECISIONS
     from .engine_folder import Progress, build_key, source_fingerprint, tool_versions
 
     if precision not in QUANT_PRECISIONS:

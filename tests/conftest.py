@@ -13,7 +13,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
-    from auraflow_edge.engine.demo import make_tiny_pipeline
+    from auraflow_edge.engine.tiny.random_model import make_tiny_pipeline
 
     return make_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny")
 
@@ -82,3 +82,13 @@ def engines(tiny_dir, tmp_path_factory):
 
 
 GEN = dict(prompt="a photo of a cat", negative_prompt="blurry", steps=4, guidance=3.5, height=64, width=96)
+
+
+def png_parameters(path) -> dict:
+    """The generation parameters a PNG carries, read with PIL alone (not our writer's code)."""
+    import json
+
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return json.loads(im.text["parameters"])

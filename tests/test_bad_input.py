@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from auraflow_edge.engine.cli import main
+from auraflow_edge.engine.cli.main import main
 
 GEN = ["--steps", "1", "--height", "64", "--width", "64"]
 
@@ -111,7 +111,7 @@ def test_onnx_swapped_between_engines(engines, tmp_path, capsys):
 
 
 def _build_cmd(tiny_dir, out):
-    return [sys.executable, "-m", "auraflow_edge.engine.cli", "build", str(tiny_dir), "-o", str(out)]
+    return [sys.executable, "-m", "auraflow_edge.engine.cli.main", "build", str(tiny_dir), "-o", str(out)]
 
 
 def test_second_build_refused_then_first_killed_and_rebuilt(tiny_dir, tmp_path, capsys):

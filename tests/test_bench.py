@@ -2,7 +2,7 @@
 
 import json
 
-from auraflow_edge.engine.cli import main
+from auraflow_edge.engine.cli.main import main
 
 
 def test_bench_writes_json_grid_and_plot(tiny_dir, tmp_path, capsys):
@@ -51,5 +51,9 @@ def test_bench_writes_json_grid_and_plot(tiny_dir, tmp_path, capsys):
     d = r["baselines"]["diffusers fp32"]
     assert d["fidelity_vs_fp32"]["step0_cos"] > 0.99999  # same noise, same model: the baseline agrees
     assert set(r["ratios_vs_diffusers_fp32"]) == {"fp32", "int8"}
+    b = r["baselines"]["diffusers bf16"]  # bf16 rounding only: close to fp32, not equal
+    assert 0.99 < b["fidelity_vs_fp32"]["step0_cos"] < 1.0
+    assert set(r["ratios_vs_diffusers_bf16"]) == {"fp32", "int8"}
     assert plot.stat().st_size > 1000 and (tmp_path / "r_grid.png").exists()
-    assert "ours int8 / diffusers fp32" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "ours int8 / diffusers fp32" in printed and "ours int8 / diffusers bf16" in printed

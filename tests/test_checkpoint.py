@@ -7,16 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from auraflow_edge.engine.checkpoint import _original_names, open_model
+from auraflow_edge.engine.backends.torch_backend import load_transformer
 from auraflow_edge.engine.errors import UserError
-from auraflow_edge.engine.safetensors_io import SafetensorsFile, save_file
-from auraflow_edge.engine.torch_backend import load_transformer
+from auraflow_edge.engine.model.checkpoint import open_model, original_names
+from auraflow_edge.engine.model.safetensors_io import SafetensorsFile, save_file
 
 
 def _write_original(tiny_dir, path, prefix):
     mf = open_model(tiny_dir)
     cfg = mf.transformer_cfg
-    names = _original_names(cfg.num_mmdit_layers, cfg.num_single_dit_layers)
+    names = original_names(cfg.num_mmdit_layers, cfg.num_single_dit_layers)
     out = {}
     for dname, oname in names.items():
         a = mf.weights.read(dname)

@@ -7,15 +7,18 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import png_parameters as read_parameters
 from PIL import Image
 
-from auraflow_edge.engine.cli import main
-from auraflow_edge.engine.image import read_parameters
+from auraflow_edge.engine.cli.main import main
 
 
 def run_cli(*args):
     return subprocess.run(
-        [sys.executable, "-m", "auraflow_edge.engine.cli", *args], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "auraflow_edge.engine.cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -163,7 +166,7 @@ def test_every_option_explains_itself(capsys):
     """Each option of each subcommand has help text; defaults are shown; --version works."""
     import argparse
 
-    from auraflow_edge.engine.cli import build_parser
+    from auraflow_edge.engine.cli.main import build_parser
 
     ap = build_parser()
     missing = []

@@ -11,16 +11,16 @@ import pytest
 import torch
 from conftest import GEN, PRECISIONS
 
-from auraflow_edge.engine.checkpoint import open_model
+from auraflow_edge.engine.backends.ort_backend import _session
+from auraflow_edge.engine.backends.ort_int8 import int8_encoding
+from auraflow_edge.engine.backends.torch_backend import load_transformer
 from auraflow_edge.engine.errors import UserError
-from auraflow_edge.engine.manifest import Manifest
-from auraflow_edge.engine.modulation import ModulationTable
-from auraflow_edge.engine.ort_backend import _session
-from auraflow_edge.engine.ort_int8 import int8_encoding
-from auraflow_edge.engine.pipeline import Pipeline
-from auraflow_edge.engine.positions import PositionTable
-from auraflow_edge.engine.schedule import flow_match_schedule
-from auraflow_edge.engine.torch_backend import load_transformer
+from auraflow_edge.engine.model.checkpoint import open_model
+from auraflow_edge.engine.runtime.manifest import Manifest
+from auraflow_edge.engine.runtime.modulation import ModulationTable
+from auraflow_edge.engine.runtime.pipeline import Pipeline
+from auraflow_edge.engine.runtime.positions import PositionTable
+from auraflow_edge.engine.runtime.schedule import flow_match_schedule
 from auraflow_edge.export.build import build_engine
 
 
@@ -121,7 +121,7 @@ def test_precision_error_against_fp32(precision, engines, tiny_dir, tiny_noise):
 
 def test_a_transposed_scale_layout_fails_the_bounds(tiny_dir, tmp_path, monkeypatch):
     """The bounds above catch a broken layout: scales applied to the wrong axis."""
-    from auraflow_edge.export import quantize as qz
+    from auraflow_edge.engine.model import quant as qz
 
     real = qz.quantize_int8
 
@@ -230,7 +230,7 @@ def test_one_engine_serves_every_size(engines, tiny_dir):
 def test_generate_imports_no_torch(engines, tmp_path):
     out = tmp_path / "o.png"
     code = (
-        "import sys\nfrom auraflow_edge.engine.cli import main\n"
+        "import sys\nfrom auraflow_edge.engine.cli.main import main\n"
         f"rc = main(['--quiet', 'generate', {str(engines['int8'])!r}, '--prompt', 'a cat', '--steps', '2', "
         f"'--height', '64', '--width', '96', '-o', {str(out)!r}])\n"
         "assert rc == 0\nassert 'torch' not in sys.modules, 'torch was imported'\nprint('ok')\n"
@@ -241,7 +241,7 @@ def test_generate_imports_no_torch(engines, tmp_path):
 
 
 def test_build_and_inspect_cli(engines, capsys):
-    from auraflow_edge.engine.cli import main
+    from auraflow_edge.engine.cli.main import main
 
     assert main(["inspect", str(engines["int4"]), "--verify"]) == 0
     out = capsys.readouterr().out

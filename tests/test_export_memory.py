@@ -1,14 +1,8 @@
 """Scaled-down streamed-export memory check: peak RSS must not grow with the model's size."""
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).parent.parent / "bench"))
-
-from export_memory import export_peak  # noqa: E402
-
-from auraflow_edge.engine.demo import write_random_transformer  # noqa: E402
-from auraflow_edge.engine.model_config import AuraFlowConfig  # noqa: E402
+from auraflow_edge.bench.export_memory import export_peak
+from auraflow_edge.engine.model.config import AuraFlowConfig  # noqa: E402
+from auraflow_edge.engine.tiny.random_model import write_random_transformer  # noqa: E402
 
 
 def test_peak_rss_does_not_grow_with_model_size(tmp_path):

@@ -15,11 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).parent.parent
-sys.path.insert(0, str(ROOT / "bench"))
+from auraflow_edge.bench import gpu_fullsize, gpu_kernels
 
-import gpu_fullsize  # noqa: E402
-import gpu_kernels  # noqa: E402
+ROOT = Path(__file__).parent.parent
 
 
 def _installed_from_this_tree() -> bool:

@@ -26,9 +26,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save
 
-from auraflow_edge.engine.checkpoint import open_model
 from auraflow_edge.engine.errors import UserError
-from auraflow_edge.engine.hub import select_files, snapshot
+from auraflow_edge.engine.model.checkpoint import open_model
+from auraflow_edge.engine.model.hub import select_files, snapshot
 
 REPO = "fal/AuraFlow-tiny"
 SHARDS = [f"transformer/diffusion_pytorch_model-{i:05d}-of-00002.safetensors" for i in (1, 2)]
@@ -295,7 +295,7 @@ def files_in(folder: Path) -> list[str]:
 
 def run_cli(*args, env=None):
     return subprocess.run(
-        [sys.executable, "-m", "auraflow_edge.engine.cli", *args],
+        [sys.executable, "-m", "auraflow_edge.engine.cli.main", *args],
         capture_output=True,
         text=True,
         timeout=120,
@@ -343,7 +343,7 @@ def test_selection_rules():
 
 
 def test_hub_id_round_trip(hub, tiny_dir):
-    from auraflow_edge.engine.pipeline import Pipeline
+    from auraflow_edge.engine.runtime.pipeline import Pipeline
 
     kw = dict(prompt="a photo of a cat", steps=2, height=64, width=64, seed=3)
     ours = Pipeline.load(REPO, progress=False).generate(**kw)

@@ -8,14 +8,15 @@ import pytest
 from conftest import GEN
 from onnx import numpy_helper
 
-from auraflow_edge.engine import ort_int8
-from auraflow_edge.engine.manifest import Manifest
-from auraflow_edge.engine.model_config import AuraFlowConfig
-from auraflow_edge.engine.modulation import ModulationTable
-from auraflow_edge.engine.ort_backend import _session
-from auraflow_edge.engine.ort_int8 import CPU_CLASSES, emulate_matmul, encode_for, int8_encoding
-from auraflow_edge.engine.pipeline import Pipeline
-from auraflow_edge.engine.positions import PositionTable
+from auraflow_edge.bench.mlas_emulator import CPU_CLASSES, emulate_matmul, encode_for, quantize_activations
+from auraflow_edge.engine.backends import ort_int8
+from auraflow_edge.engine.backends.ort_backend import _session
+from auraflow_edge.engine.backends.ort_int8 import int8_encoding
+from auraflow_edge.engine.model.config import AuraFlowConfig
+from auraflow_edge.engine.runtime.manifest import Manifest
+from auraflow_edge.engine.runtime.modulation import ModulationTable
+from auraflow_edge.engine.runtime.pipeline import Pipeline
+from auraflow_edge.engine.runtime.positions import PositionTable
 
 
 def _inputs(m: Manifest):
@@ -75,6 +76,13 @@ def test_emulator_reproduces_onnx_runtime_here(int8_nodes):
             np.testing.assert_allclose(got, y, rtol=1e-4, atol=1e-4 * np.abs(y).max(), err_msg=name)
 
 
+def _float64_reference(a, b, s):
+    """The quantized product in float64: dequantized activations times dequantized weights, no
+    integer kernel involved (exact for these sizes: every partial sum is an integer below 2**53)."""
+    qa, sa, za = quantize_activations(a)
+    return ((qa.astype(np.float64) - za) * sa) @ (b.astype(np.float64) * s.astype(np.float64)[None, :])
+
+
 def test_every_cpu_class_computes_exactly_with_its_encoding(int8_nodes):
     for cls in CPU_CLASSES:
         enc = int8_encoding(cls.machine, set(cls.flags))
@@ -82,9 +90,9 @@ def test_every_cpu_class_computes_exactly_with_its_encoding(int8_nodes):
             qb, zp = encode_for(b, enc)
             # u8 x s8 goes through the saturating int16 pair sums on these classes; u8 x u8 never does
             got, clipped = emulate_matmul(a, qb, zp, s, saturating=cls.saturating_u8s8 and enc == "s8")
-            exact, _ = emulate_matmul(a, qb, zp, s, saturating=False)
+            want = _float64_reference(a, b, s)
             assert clipped == 0, (cls.name, enc, name)
-            np.testing.assert_array_equal(got, exact)
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max(), err_msg=cls.name)
 
 
 def test_s8_weights_would_saturate_without_vnni(int8_nodes):
@@ -92,7 +100,7 @@ def test_s8_weights_would_saturate_without_vnni(int8_nodes):
     clipped_total, worst = 0, 0.0
     for _, a, b, s, _ in int8_nodes:
         got, clipped = emulate_matmul(a, b.astype(np.int32), 0, s, saturating=True)
-        exact, _ = emulate_matmul(a, b.astype(np.int32), 0, s, saturating=False)
+        exact = _float64_reference(a, b, s)
         clipped_total += clipped
         worst = max(worst, float(np.linalg.norm(got - exact) / np.linalg.norm(exact)))
     print(f"s8 on AVX2: {clipped_total} saturated pairs, worst layer rel L2 {worst:.3f}")

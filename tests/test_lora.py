@@ -13,14 +13,14 @@ import torch
 from conftest import GEN
 from PIL import Image
 
-from auraflow_edge.engine.checkpoint import _original_names, open_model
-from auraflow_edge.engine.cli import main
+from auraflow_edge.engine.backends.torch_backend import TorchStages, TorchTransformer
+from auraflow_edge.engine.cli.main import main
 from auraflow_edge.engine.errors import UserError
-from auraflow_edge.engine.lora import load_loras, parse_lora_arg, with_loras
-from auraflow_edge.engine.pipeline import Pipeline
-from auraflow_edge.engine.safetensors_io import SafetensorsFile, save_file
-from auraflow_edge.engine.schedule import flow_match_schedule
-from auraflow_edge.engine.torch_backend import TorchStages, TorchTransformer
+from auraflow_edge.engine.model.checkpoint import open_model, original_names
+from auraflow_edge.engine.model.lora import load_loras, parse_lora_arg, with_loras
+from auraflow_edge.engine.model.safetensors_io import SafetensorsFile, save_file
+from auraflow_edge.engine.runtime.pipeline import Pipeline
+from auraflow_edge.engine.runtime.schedule import flow_match_schedule
 
 
 def _peft_lora(tiny_dir, folder, seed, **config):
@@ -111,7 +111,7 @@ def _inputs():
 def test_transformer_matches_diffusers(tiny_dir, loras, diffusers_pipe, case):
     """Both of our paths: merged as the float weights load, and side branches on a resident model
     switched from another LoRA (they hold the difference to what was merged)."""
-    from auraflow_edge.engine.lora import attach
+    from auraflow_edge.engine.model.lora import attach
 
     x, c, t = _inputs()
     diffusers_pipe.set_adapters([n for n, _ in case], [s for _, s in case])
@@ -152,7 +152,7 @@ def test_images_match_diffusers_while_switching(tiny_dir, loras, diffusers_pipe,
 
 
 def test_generate_cli_with_loras(tiny_dir, loras, tmp_path, tiny_noise):
-    from auraflow_edge.engine.image import read_parameters
+    from conftest import png_parameters as read_parameters
 
     np.save(tmp_path / "noise.npy", tiny_noise)
     out = tmp_path / "o.png"
@@ -181,7 +181,7 @@ def _convert(src, dst, layout):
     """Rewrite a diffusers/PEFT LoRA file in another tool's layout (alpha as a tensor, rank from B)."""
     sf = SafetensorsFile(src)
     alpha = json.loads(sf.metadata["lora_adapter_metadata"])["transformer.lora_alpha"]
-    names = {d[: -len(".weight")]: o[: -len(".weight")] for d, o in _original_names(1, 2).items()}
+    names = {d[: -len(".weight")]: o[: -len(".weight")] for d, o in original_names(1, 2).items()}
     out = {}
     for k in sf.keys():
         mod, kind = k[len("transformer.") :].rsplit(".lora_", 1)
@@ -223,8 +223,8 @@ QUANT_BOUNDS = {"int8": 1.5e-2, "fp8": 3e-2, "int4": 3e-2}
 
 @pytest.mark.parametrize("fmt", ["int8", "fp8", "int4"])
 def test_quantized_with_lora_close_to_fp32_merged(tiny_dir, loras, fmt):
-    from auraflow_edge.engine.lora import attach
-    from auraflow_edge.engine.torch_quant import QuantTorchTransformer
+    from auraflow_edge.engine.backends.torch_quant import QuantTorchTransformer
+    from auraflow_edge.engine.model.lora import attach
 
     mf = open_model(tiny_dir)
     specs = _ours(loras, CASES[2])
@@ -248,8 +248,12 @@ def test_quantized_with_lora_close_to_fp32_merged(tiny_dir, loras, fmt):
 
 def test_kernel_path_does_not_fuse_over_a_lora(tiny_dir, loras):
     """With a branch on the FF's linear_1 the fused SwiGLU epilogue must not run (Triton interpreter)."""
-    from auraflow_edge.engine.lora import attach
-    from auraflow_edge.engine.torch_quant import QuantizedLinear, QuantTorchTransformer, _install_kernels
+    from auraflow_edge.engine.backends.torch_quant import (
+        QuantizedLinear,
+        QuantTorchTransformer,
+        _install_kernels,
+    )
+    from auraflow_edge.engine.model.lora import attach
 
     mf = open_model(tiny_dir)
     ls = load_loras([loras["a"]], mf)
@@ -272,8 +276,8 @@ def test_switching_reads_and_quantizes_nothing(tiny_dir, loras, tiny_noise, monk
     """A resident transformer switches LoRAs with no base weight read and no quantization: int8
     (side branches, folded modulation recomputed from disk) and fp32 (loaded merged, switched by
     branches holding the difference)."""
-    from auraflow_edge.engine import torch_quant
-    from auraflow_edge.engine.lora import folded_names
+    from auraflow_edge.engine.backends import torch_quant
+    from auraflow_edge.engine.model.lora import folded_names
 
     reads, quantized = [], []
     real_read, real_q = SafetensorsFile.read, torch_quant.quantize_weight
@@ -316,7 +320,7 @@ def test_switching_reads_and_quantizes_nothing(tiny_dir, loras, tiny_noise, monk
 
 
 def test_onnx_runtime_build_merges_before_quantization(tiny_dir, loras, tmp_path, tiny_noise, capsys):
-    from auraflow_edge.engine.manifest import Manifest, sha256_file
+    from auraflow_edge.engine.runtime.manifest import Manifest, sha256_file
     from auraflow_edge.export.build import build_engine
 
     specs = [(str(loras["a"]), 0.5), (str(loras["b"]), 1.0)]
@@ -397,11 +401,11 @@ def test_tensorrt_refit_writes_what_a_build_writes(tiny_dir, loras, tmp_path, mo
     """Refit from LoRA a to LoRA b and back: the folder ends byte-identical to an export with b, then
     with a, and the Refitter gets exactly the changed initializers (int4: packed weights, block
     scales). TensorRT itself is faked: the calls into it are UNVERIFIED."""
-    from auraflow_edge.engine.lora import folded_names
-    from auraflow_edge.engine.manifest import Manifest
+    from auraflow_edge.engine.model.lora import folded_names
+    from auraflow_edge.engine.runtime.manifest import Manifest
     from auraflow_edge.export import components, tensorrt_build
-    from auraflow_edge.export.build import export_transformer, policies
     from auraflow_edge.export.engine_folder import build_key, finish_folder, source_fingerprint
+    from auraflow_edge.export.onnx_folder import export_transformer, policies
     from auraflow_edge.export.tensorrt_refit import data_locations, refit_engine
 
     traced = {}
@@ -472,7 +476,7 @@ def test_tensorrt_refit_writes_what_a_build_writes(tiny_dir, loras, tmp_path, mo
 
 
 def test_tensorrt_rebuild_with_other_loras_is_not_a_reuse(tiny_dir, loras, tmp_path, monkeypatch):
-    from auraflow_edge.engine.lora import load_loras
+    from auraflow_edge.engine.model.lora import load_loras
     from auraflow_edge.export import tensorrt_build
     from auraflow_edge.export.engine_folder import finish_folder
 

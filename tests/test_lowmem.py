@@ -5,9 +5,9 @@ import pytest
 from conftest import GEN
 
 from auraflow_edge.engine.errors import UserError
-from auraflow_edge.engine.pipeline import Pipeline
-from auraflow_edge.engine.planner import GiB, MiB, make_plan, parse_bytes
-from auraflow_edge.engine.vae_tiling import decode_tiled, tile_starts
+from auraflow_edge.engine.runtime.pipeline import Pipeline
+from auraflow_edge.engine.runtime.planner import GiB, MiB, make_plan, parse_bytes
+from auraflow_edge.engine.runtime.vae_tiling import decode_tiled, tile_starts
 
 
 def local_decoder(z):
@@ -35,7 +35,7 @@ def test_tile_starts_cover_everything():
 def test_tiled_real_vae_close_to_untiled(tiny_dir):
     """The SDXL-style VAE's mid-block attention is global, so tiling changes pixels slightly:
     stated tolerance on the tiny VAE: mean <= 2 levels, 99th percentile <= 12 levels."""
-    from auraflow_edge.engine.torch_backend import TorchVAEDecoder
+    from auraflow_edge.engine.backends.torch_backend import TorchVAEDecoder
 
     vae = TorchVAEDecoder(tiny_dir / "vae")
     z = np.random.default_rng(1).standard_normal((1, 4, 32, 48)).astype(np.float32)
@@ -54,8 +54,8 @@ def test_parse_bytes():
 
 
 def _sizes(tiny_dir, precision="fp32"):
-    from auraflow_edge.engine.checkpoint import open_model
-    from auraflow_edge.engine.planner import sizes_from_model
+    from auraflow_edge.engine.model.checkpoint import open_model
+    from auraflow_edge.engine.runtime.planner import sizes_from_model
 
     return sizes_from_model(open_model(tiny_dir), precision, "cuda")
 
@@ -63,8 +63,8 @@ def _sizes(tiny_dir, precision="fp32"):
 def test_full_size_plan_fits_8gib_in_int8_and_not_in_bf16():
     from dataclasses import replace
 
-    from auraflow_edge.engine.model import AURAFLOW_V03
-    from auraflow_edge.engine.planner import ModelSizes
+    from auraflow_edge.engine.model.config import AURAFLOW_V03
+    from auraflow_edge.engine.runtime.planner import ModelSizes
 
     lin, rest = 4.53e9, 0.03e9  # v0.3 without the modulation: linears and the rest
     full = ModelSizes(
@@ -100,7 +100,7 @@ def test_plan_refuses_when_nothing_fits(tiny_dir):
 
 
 def test_plan_cli(tiny_dir, capsys):
-    from auraflow_edge.engine.cli import main
+    from auraflow_edge.engine.cli.main import main
 
     assert main(["plan", str(tiny_dir), "--height", "64", "--width", "96", "--vram-budget", "4GiB"]) == 0
     out = capsys.readouterr().out

@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from auraflow_edge.engine.checkpoint import open_model
+from auraflow_edge.engine.backends.torch_backend import load_transformer
 from auraflow_edge.engine.errors import UserError
-from auraflow_edge.engine.model import AURAFLOW_V02, AURAFLOW_V03, AuraFlowTransformer, check_latent_size
-from auraflow_edge.engine.torch_backend import load_transformer
+from auraflow_edge.engine.model.checkpoint import open_model
+from auraflow_edge.engine.model.config import AURAFLOW_V02, AURAFLOW_V03, check_latent_size
+from auraflow_edge.engine.model.transformer import AuraFlowTransformer
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from auraflow_edge.engine.errors import UserError
-from auraflow_edge.engine.schedule import flow_match_schedule
+from auraflow_edge.engine.runtime.schedule import flow_match_schedule
 
 
 @pytest.mark.parametrize("n", [1, 2, 4, 28, 50])

@@ -17,10 +17,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from auraflow_edge.engine.backends.tensorrt_backend import numpy_dtype, select_engine
 from auraflow_edge.engine.errors import UserError
-from auraflow_edge.engine.manifest import Manifest
-from auraflow_edge.engine.model import AURAFLOW_V02, AURAFLOW_V03
-from auraflow_edge.engine.tensorrt_backend import numpy_dtype, select_engine
+from auraflow_edge.engine.model.config import AURAFLOW_V02, AURAFLOW_V03
+from auraflow_edge.engine.runtime.manifest import Manifest
 from auraflow_edge.export import tensorrt_build as tb
 from auraflow_edge.export import tensorrt_plugin as tp
 
@@ -52,7 +52,7 @@ def test_dynamic_profile_spans_the_positional_grid():
     assert mn[2:] == (32, 32) and opt == (2, 4, 128, 128) and mx[2:] == (128, 128)  # v0.2: 1024 px max
     (p,) = tb.transformer_profiles(AURAFLOW_V03, [(1024, 1024)], dynamic=True)
     assert p.shapes["latents"][2][2:] == (192, 192)  # v0.3: 1536 px max
-    (v,) = tb.vae_profiles([(768, 1344)], True, 1536)
+    (v,) = tb.vae_profiles(AURAFLOW_V03, [(768, 1344)], True)
     assert v.shapes["latents"][1] == (1, 4, 96, 168)
 
 
@@ -121,8 +121,8 @@ def test_operator_check_catches_unsupported(tiny_dir, tmp_path):
 
 
 def test_plugin_attention_equals_reference(tiny_dir):
-    from auraflow_edge.engine.checkpoint import open_model
-    from auraflow_edge.engine.torch_backend import load_transformer
+    from auraflow_edge.engine.backends.torch_backend import load_transformer
+    from auraflow_edge.engine.model.checkpoint import open_model
     from auraflow_edge.export import tensorrt_plugin
 
     mf = open_model(tiny_dir)
@@ -137,7 +137,7 @@ def test_plugin_attention_equals_reference(tiny_dir):
 def test_build_without_tensorrt_is_a_clear_error(tiny_dir, tmp_path, capsys):
     if HAS_TRT:
         pytest.skip("TensorRT is installed here")
-    from auraflow_edge.engine.cli import main
+    from auraflow_edge.engine.cli.main import main
 
     rc = main(
         ["build", str(tiny_dir), "-o", str(tmp_path / "t"), "--backend", "tensorrt", "--precision", "fp16"]
@@ -149,7 +149,7 @@ def test_build_without_tensorrt_is_a_clear_error(tiny_dir, tmp_path, capsys):
 
 @pytest.mark.skipif(not HAS_TRT, reason="TensorRT not installed (it cannot run on this project's machines)")
 def test_tensorrt_build_and_generate(tiny_dir, tmp_path):  # pragma: no cover
-    from auraflow_edge.engine.pipeline import Pipeline
+    from auraflow_edge.engine.runtime.pipeline import Pipeline
     from auraflow_edge.export.build import build_engine
 
     e = build_engine(
@@ -162,7 +162,7 @@ def test_tensorrt_build_and_generate(tiny_dir, tmp_path):  # pragma: no cover
 def test_generate_on_tensorrt_without_tensorrt_is_a_clear_error(tiny_dir, tmp_path, capsys):
     if HAS_TRT:
         pytest.skip("TensorRT is installed here")
-    from auraflow_edge.engine.cli import main
+    from auraflow_edge.engine.cli.main import main
     from auraflow_edge.export.build import build_engine
 
     e = build_engine(str(tiny_dir), tmp_path / "e", precision="fp16", height=64, width=96, quiet=True)

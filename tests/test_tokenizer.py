@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from auraflow_edge.engine.tokenizer import TextTokenizer
+from auraflow_edge.engine.runtime.tokenizer import TextTokenizer
 
 PROMPTS = ["", "a photo of a cat", "Cyberpunk CITY, neon!! 123 ünïcödé", "word " * 400]
 

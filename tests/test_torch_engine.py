@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from conftest import GEN
 
-from auraflow_edge.engine import torch_quant
-from auraflow_edge.engine.cli import main
-from auraflow_edge.engine.manifest import Manifest
-from auraflow_edge.engine.pipeline import Pipeline
+from auraflow_edge.engine.backends import torch_quant
+from auraflow_edge.engine.cli.main import main
+from auraflow_edge.engine.runtime.manifest import Manifest
+from auraflow_edge.engine.runtime.pipeline import Pipeline
 from auraflow_edge.export.build import build_engine
 
 
@@ -29,8 +29,8 @@ def test_torch_engine_equals_quantize_at_load(tiny_dir, tiny_noise, tmp_path, mo
     # the same quantized transformer, tensor for tensor ...
     import torch
 
-    from auraflow_edge.engine.checkpoint import open_model
-    from auraflow_edge.engine.torch_backend import _engine_model
+    from auraflow_edge.engine.backends.torch_backend import _engine_model
+    from auraflow_edge.engine.model.checkpoint import open_model
 
     cpu = torch.device("cpu")
     ref = torch_quant.QuantTorchTransformer(open_model(tiny_dir), precision, cpu, torch.float32, 64).model

@@ -5,11 +5,15 @@ import pytest
 import torch
 from conftest import GEN
 
-from auraflow_edge.engine.checkpoint import open_model
-from auraflow_edge.engine.modulation import ModulationTable
-from auraflow_edge.engine.pipeline import Pipeline
-from auraflow_edge.engine.torch_backend import load_transformer
-from auraflow_edge.engine.torch_quant import QuantizedLinear, _install_kernels, load_quantized_transformer
+from auraflow_edge.engine.backends.torch_backend import load_transformer
+from auraflow_edge.engine.backends.torch_quant import (
+    QuantizedLinear,
+    _install_kernels,
+    load_quantized_transformer,
+)
+from auraflow_edge.engine.model.checkpoint import open_model
+from auraflow_edge.engine.runtime.modulation import ModulationTable
+from auraflow_edge.engine.runtime.pipeline import Pipeline
 
 
 def _inputs(mf):
@@ -72,8 +76,8 @@ def test_generate_with_quantized_torch_backend(tiny_dir, tiny_noise):
 
 @pytest.mark.parametrize("fmt", ["int8", "fp8", "int4"])
 def test_torch_and_numpy_quantizers_agree(fmt):
-    from auraflow_edge.engine.torch_quant import quantize_weight
-    from auraflow_edge.export import quantize as qz
+    from auraflow_edge.engine.backends.torch_quant import quantize_weight
+    from auraflow_edge.engine.model import quant as qz
     from auraflow_edge.kernels.gemm import dequant_weight
 
     w = np.random.default_rng(1).standard_normal((48, 128)).astype(np.float32) * np.exp(

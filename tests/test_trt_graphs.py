@@ -15,10 +15,10 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from auraflow_edge.engine.checkpoint import open_model
-from auraflow_edge.engine.modulation import ModulationTable
-from auraflow_edge.engine.torch_backend import load_transformer
-from auraflow_edge.export import quantize as qz
+from auraflow_edge.engine.backends.torch_backend import load_transformer
+from auraflow_edge.engine.model import quant as qz
+from auraflow_edge.engine.model.checkpoint import open_model
+from auraflow_edge.engine.runtime.modulation import ModulationTable
 from auraflow_edge.export import tensorrt_build as tb
 
 FORMS = ["fp16", "bf16", "int8", "fp8", "int4"]
@@ -42,7 +42,7 @@ _QTYPES = {TensorProto.INT8: "int8", TensorProto.FLOAT8E4M3FN: "fp8", TensorProt
 @pytest.fixture(scope="module")
 def trt_exports(tiny_dir, tmp_path_factory):
     """The three TensorRT-form graphs per precision, and the fp16 transformer with the plugin node."""
-    from auraflow_edge.export.build import export_onnx_folder, export_transformer, policies
+    from auraflow_edge.export.onnx_folder import export_onnx_folder, export_transformer, policies
 
     out = {}
     for prec in FORMS:
@@ -75,7 +75,7 @@ def inputs(tiny_dir, trt_exports):
     out = {"x": x, "c": c, "mod": table(np.array([0.8], np.float32)), "ids": ids, "mask": mask, "z": z}
     positions = trt_exports["fp16"][0] / "positions.safetensors"
     if positions.exists():  # the positional crop as a graph input (engine/positions.py)
-        from auraflow_edge.engine.positions import PositionTable
+        from auraflow_edge.engine.runtime.positions import PositionTable
 
         out["pos"] = PositionTable(mf.transformer_cfg, positions)(8, 12)
     return out

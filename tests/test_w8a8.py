@@ -6,14 +6,15 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from auraflow_edge.engine.checkpoint import open_model
-from auraflow_edge.engine.modulation import ModulationTable
-from auraflow_edge.engine.positions import POS_NAME, crop
-from auraflow_edge.engine.torch_backend import load_transformer
-from auraflow_edge.export.build import KEEP_FLOAT, export_onnx_folder
+from auraflow_edge.engine.backends.torch_backend import load_transformer
+from auraflow_edge.engine.model.checkpoint import open_model
+from auraflow_edge.engine.model.spec import KEEP_FLOAT
+from auraflow_edge.engine.runtime.modulation import ModulationTable
+from auraflow_edge.engine.runtime.positions import POS_NAME, crop
 from auraflow_edge.export.calibrate import CALIBRATION_PROMPTS, calibrate, smoothing
 from auraflow_edge.export.components import trace_transformer
 from auraflow_edge.export.onnx_export import WeightPolicy, save_model, stream_weights
+from auraflow_edge.export.onnx_folder import export_onnx_folder
 from auraflow_edge.export.tensorrt_build import unsupported_ops
 
 

@@ -1,0 +1,1 @@
+"""Benchmarks: the `auraflow-edge bench` harness and the standalone measurement scripts."""

@@ -1,0 +1,1 @@
+"""The runtime core: tokenize, encode, denoise, decode, stage by stage inside a memory budget."""
