@@ -334,11 +334,10 @@ def test_plugin_aot_impl_packs_tensorrt_arguments():
     for name in ("HALF", "BF16"):
         got = res[name]
         assert got["name"] == "_attn_trt"
-        # Q, K, V, then H, N_Q, N_K, then Out; Triton appends its scratch pointers after them
-        kinds = got["params"]
-        assert kinds[:7] == ["u64", "u64", "u64", "u32", "u32", "u32", "u64"] and set(kinds[7:]) <= {"u64"}
+        # exactly Q, K, V, then H, N_Q, N_K, then Out: Triton's scratch pointers are cut off
+        assert got["params"] == ["u64", "u64", "u64", "u32", "u32", "u32", "u64"]
         assert got["grid_x"] == ["cdiv", "NQ", bm] and got["grid_y"] == ["mul", "B", "H"]
-        assert got["block_x"] == warps * 32 and got["shared"] > 0
+        assert got["block_x"] == warps * 32 and 0 < got["shared"] <= tp.SHARED_LIMIT
         assert got["extra"] == [["i32", "H"], ["i32", "NQ"], ["i32", "NK"]]
         assert got["cp_async"]
     assert res["HALF"]["f16_mma"] and not res["HALF"]["bf16_mma"]
@@ -372,3 +371,60 @@ def test_tensorrt_folder_of_another_precision_is_not_reused(tiny_dir, tmp_path, 
     )
     with pytest.raises(UserError, match="holds a tensorrt fp8 engine; pass --force"):
         tensorrt_build.build_tensorrt(str(tiny_dir), tmp_path / "t", precision="int8", quiet=True)
+
+
+_PTX = """.version 8.7
+.target sm_90a
+.visible .entry k(
+\t.param .u64 .ptr .global .align 1 k_param_0,
+\t.param .u32 k_param_1,
+\t.param .u64 .ptr .global .align 1 k_param_2,
+\t.param .u64 .ptr .global .align 1 k_param_3
+)
+.reqntid 128
+{
+\tld.param.b64 \t%rd1, [k_param_0];
+\tld.param.b32 \t%r1, [k_param_1];
+\tld.param.b64 \t%rd2, [k_param_2];
+}
+"""
+
+
+def test_ptx_entry_is_cut_to_the_launch_signature_and_nothing_else():
+    """Triton's trailing scratch pointers go; a kernel asking for scratch memory, or reading a
+    parameter that would be cut, is refused rather than launched misaligned."""
+    none = types.SimpleNamespace(global_scratch_size=0, profile_scratch_size=0)
+    cut = tp.cut_entry_params(_PTX, "k", 3, none)
+    entry = cut[cut.index(".entry") : cut.index(")")]
+    assert entry.count(".param") == 3 and "k_param_3" not in cut and "k_param_2" in entry
+    assert cut[cut.index(")") :] == _PTX[_PTX.index(")") :]  # the body is untouched
+    whole = tp.cut_entry_params(_PTX, "k", 4, none)
+    assert whole[whole.index(".entry") : whole.index(")")].count(".param") == 4
+    with pytest.raises(UserError, match="scratch memory"):
+        tp.cut_entry_params(
+            _PTX, "k", 3, types.SimpleNamespace(global_scratch_size=128, profile_scratch_size=0)
+        )
+    with pytest.raises(UserError, match="reads its extra parameter k_param_2"):
+        tp.cut_entry_params(_PTX, "k", 2, none)
+    with pytest.raises(UserError, match="fewer than"):
+        tp.cut_entry_params(_PTX, "k", 5, none)
+
+
+def test_ptx_isa_follows_the_driver():
+    """cuDriverGetVersion -> newest PTX ISA it loads (PTX ISA release notes)."""
+    assert [tp.driver_ptx_isa(v) for v in (12000, 12040, 12060, 12080, 12090, 13000, 13010)] == [
+        80, 84, 85, 87, 88, 90, 91,
+    ]  # fmt: skip
+    assert tp.ptx_isa(_PTX) == 87
+    with pytest.raises(UserError, match="CUDA 12"):
+        tp.driver_ptx_isa(11080)
+
+
+def test_node_params_are_found_by_type_not_position():
+    import itertools
+
+    params = np.array([1e-6, 0.25, 1.0], np.float32)
+    for order in itertools.permutations([params, "auraflow_edge", 1]):
+        assert tp.node_params(list(order)) == (pytest.approx(1e-6), 0.25, 1)
+    with pytest.raises(UserError, match="'params'"):
+        tp.node_params(["auraflow_edge", 1])
