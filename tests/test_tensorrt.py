@@ -428,3 +428,73 @@ def test_node_params_are_found_by_type_not_position():
         assert tp.node_params(list(order)) == (pytest.approx(1e-6), 0.25, 1)
     with pytest.raises(UserError, match="'params'"):
         tp.node_params(["auraflow_edge", 1])
+
+
+_CHANGES = {  # option -> (build arguments that change it, the flag the refusal names)
+    "shapes": ({"shapes": "96x64,128x128"}, "--shapes"),
+    "size": ({"height": 128}, "--shapes / --height / --width"),
+    "dynamic_shapes": ({"dynamic_shapes": True}, "--dynamic-shapes"),
+    "attention_plugin": ({"attention_plugin": True}, "--attention-plugin"),
+    "act_quant": ({"act_quant": "int8"}, "--act-quant"),  # on an int8 build (--act-quant needs one)
+    "refittable": ({"refittable": True}, "--refittable"),
+    "hardware_compat": ({"hardware_compat": "same-cc"}, "--hardware-compat"),
+    "vram_budget": ({"vram_budget": "6GiB"}, "--vram-budget"),
+    "components": ({"components": "transformer"}, "--components"),
+}
+
+
+@pytest.mark.parametrize("option", _CHANGES)
+def test_tensorrt_folder_is_reused_only_with_every_option_equal(option, tiny_dir, tmp_path, fake_trt_build):
+    """Issue 17, item 6: the same build reuses the folder; any option that changes the engines is
+    a refusal naming it (nothing touched), and with --force a rebuild, which is then reused."""
+    base = dict(precision="int8" if option == "act_quant" else "fp16", height=64, width=96, quiet=True)
+    out = tmp_path / "t"
+    tb.build_tensorrt(str(tiny_dir), out, **base)
+    built = fake_trt_build["builds"]
+    assert built == 3 and tb.build_tensorrt(str(tiny_dir), out, **base) == out
+    assert fake_trt_build["builds"] == built  # reused
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    change, flag = _CHANGES[option]
+    args = {**base, **change}
+    with pytest.raises(UserError, match="pass --force") as err:
+        tb.build_tensorrt(str(tiny_dir), out, **args)
+    assert flag in str(err.value)
+    assert fake_trt_build["builds"] == built and {p.name: p.read_bytes() for p in out.iterdir()} == before
+    tb.build_tensorrt(str(tiny_dir), out, **args, force=True)
+    assert fake_trt_build["builds"] == built + 3
+    tb.build_tensorrt(str(tiny_dir), out, **args)  # the new build is reused
+    assert fake_trt_build["builds"] == built + 3
+    m = Manifest.load(out)
+    assert m["tensorrt_build"]["options"]["precision"] == args["precision"]
+
+
+@pytest.mark.parametrize("machine", ["gpu", "tensorrt", "driver", "tools"])
+def test_tensorrt_folder_of_another_machine_is_not_reused(
+    machine, tiny_dir, tmp_path, fake_trt_build, monkeypatch
+):
+    """One folder holds one GPU's engines: a build on another GPU (or TensorRT, or tool versions;
+    with the plugin, a driver that reads another PTX ISA) is refused with the first GPU's engines
+    left intact, and replaces them with --force."""
+    from auraflow_edge.export import engine_folder
+
+    base = dict(precision="fp16", height=64, width=96, quiet=True, attention_plugin=True)
+    out = tmp_path / "t"
+    tb.build_tensorrt(str(tiny_dir), out, **base)
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    if machine == "gpu":
+        fake_trt_build["gpu"] = ("GPU B", (8, 9))
+    elif machine == "tensorrt":
+        fake_trt_build["trt"].__version__ = "10.100"
+    elif machine == "driver":
+        fake_trt_build["driver"] = 12060
+    else:
+        real = engine_folder.tool_versions
+        monkeypatch.setattr(engine_folder, "tool_versions", lambda: {**real(), "onnx": "0.0.1"})
+    with pytest.raises(UserError, match="pass --force to replace them, or build into another folder"):
+        tb.build_tensorrt(str(tiny_dir), out, **base)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == first
+    tb.build_tensorrt(str(tiny_dir), out, **base, force=True)
+    m = Manifest.load(out)
+    assert len(m["engines"]) == 1 and fake_trt_build["builds"] == 6
+    (entry,) = m["engines"].values()
+    assert entry["attention_plugin"]["max_ptx_version"] == tp.driver_ptx_isa(fake_trt_build["driver"])
