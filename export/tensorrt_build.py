@@ -369,13 +369,13 @@ def build_tensorrt(
     if hardware_compat not in HARDWARE_COMPAT:
         raise UserError(f"--hardware-compat must be one of {', '.join(HARDWARE_COMPAT)}")
     if hardware_compat == "ampere+" and attention_plugin:
-        # TensorRT's AMPERE_PLUS level caps every kernel at 48 KiB of shared memory, driver-reserved
-        # included; the plugin's attention kernel needs 68 KiB (sm_86/89) to 96 KiB (sm_90) at
-        # head_dim 256 (bench/results/kernel_resources.json), and its PTX is built for this GPU only.
+        # The plugin's PTX is built for this GPU's architecture only, and TensorRT's AMPERE_PLUS
+        # level caps every kernel at 48 KiB of shared memory, driver-reserved included, which the
+        # plugin's d256 launch (49,152 B on sm_90) leaves no room for.
         raise UserError(
-            "--hardware-compat ampere+ limits kernels to 48 KiB of shared memory and the attention "
-            "plugin's kernel needs more (68-96 KiB at head_dim 256); build without --attention-plugin, "
-            "or with --hardware-compat none or same-cc"
+            "--hardware-compat ampere+ makes engines for other GPUs (kernels within 48 KiB of shared memory "
+            "including the driver's reserve), and the attention plugin's kernel is compiled for this GPU only; "
+            "build without --attention-plugin, or with --hardware-compat none or same-cc"
         )
     trt = _require_tensorrt()  # before spending minutes on the export
     from ..engine.manifest import VERSION
