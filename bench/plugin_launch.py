@@ -129,14 +129,16 @@ def driver_info() -> dict:
 
 def launch(c: dict, ptx: str, q, k, v, out) -> None:
     """cuModuleLoadData + cuLaunchKernel with exactly the contract: no attribute set, 7 arguments."""
+    import numpy as np
     from cuda.bindings import driver
 
     torch.cuda.synchronize()
-    module = _check(driver.cuModuleLoadData(ptx.encode() + b"\0"))
+    image = np.frombuffer(ptx.encode() + b"\0", np.uint8)  # NUL-terminated PTX, alive during the load
+    module = _check(driver.cuModuleLoadData(image.ctypes.data))
     try:
         fn = _check(driver.cuModuleGetFunction(module, c["name"].encode()))
         args = kernel_args(q.data_ptr(), k.data_ptr(), v.data_ptr(), c["scalars"], out.data_ptr())
-        stream = torch.cuda.current_stream().cuda_stream
+        stream = driver.CUstream(torch.cuda.current_stream().cuda_stream)
         _check(driver.cuLaunchKernel(fn, *c["grid"], *c["block"], c["shared"], stream, args, 0))
         _check(driver.cuStreamSynchronize(stream))
     finally:
