@@ -4,11 +4,13 @@
 #   bash bench/gpu_check.sh OUT_DIR   # then on the GPU machine, with bench/wheels copied along
 # 1. installs the carried wheels the image lacks and this project, offline; stops on failure
 # 2. preflight: imports everything the check uses, prints "preflight: ok", then needs a CUDA device
-# 3. the kernel tests compiled for the GPU, 4. kernel timings vs SDPA and bf16 matmul,
-# 5. the full-size 1024x1024 run (2 steps) under an 8 GiB cap vs diffusers bf16.
-# Steps 3-5 each run under a timeout and write as they go; a failed step does not stop the next.
-# Written to OUT_DIR: gpu_check.log, kernel_tests.xml, gpu_kernels.json, gpu_fullsize.json.
-# Expected on an H100/H200: about 3-5 minutes (not measured yet); the timeouts bound steps 3-5 at 7.3.
+# 3. the kernel tests compiled for the GPU, 4. the TensorRT plugin kernel's launch contract without
+# TensorRT (bench/plugin_launch.py), 5. kernel timings vs SDPA and bf16 matmul, 6. the full-size
+# 1024x1024 run (2 steps) under an 8 GiB cap vs diffusers bf16.
+# Steps 3-6 each run under a timeout and write as they go; a failed step does not stop the next.
+# Written to OUT_DIR: gpu_check.log, kernel_tests.xml, plugin_launch.json, gpu_kernels.json,
+# gpu_fullsize.json. Expected on an H100/H200: about 4-6 minutes (not measured yet); the timeouts
+# bound steps 3-6 at 9.8 minutes.
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET  # compiled kernels only: the CPU interpreter is the test suite's business
@@ -92,6 +94,7 @@ for pkg in (auraflow_edge.engine, auraflow_edge.kernels):
         importlib.import_module(m.name)
 import auraflow_edge.bench.gpu_fullsize  # noqa: F401  (the bench scripts, and all they import)
 import auraflow_edge.bench.gpu_kernels  # noqa: F401
+import auraflow_edge.bench.plugin_launch  # noqa: F401
 
 print(
     f"torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}, "
@@ -132,6 +135,9 @@ main() {
   # turn the CPU interpreter on); tests/test_kernels.py then runs every case on the GPU.
   step "kernel tests on the GPU" 100 env TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider \
     ${xdist[@]+"${xdist[@]}"} --junitxml="$OUT/kernel_tests.xml" tests/test_kernels.py
+  # the TensorRT plugin's kernel launched as TensorRT would (its own uncut PTX under a child timeout)
+  step "plugin launch contract" 150 python3 bench/plugin_launch.py --json "$OUT/plugin_launch.json" \
+    --uncut-timeout 45
   step "kernel timings" 100 python3 bench/gpu_kernels.py --json "$OUT/gpu_kernels.json"
   step "full size 1024x1024" 240 python3 bench/gpu_fullsize.py --steps 2 --json "$OUT/gpu_fullsize.json"
   if [ ${#FAILED[@]} -ne 0 ]; then

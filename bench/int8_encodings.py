@@ -48,7 +48,8 @@ def _median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _inputs(m: Manifest) -> dict:
+def transformer_inputs(m: Manifest) -> dict:
+    """One CFG-batch call of the transformer at SIDE x SIDE, as the pipeline feeds it."""
     rng = np.random.default_rng(0)
     cfg = AuraFlowConfig(**m["transformer_config"])
     x = rng.standard_normal((2, 4, SIDE // 8, SIDE // 8), dtype=np.float32)
@@ -128,7 +129,7 @@ def main() -> None:
         for p in ("fp32", "int8")
     }
     m8 = Manifest.load(eng["int8"])
-    feed = _inputs(m8)
+    feed = transformer_inputs(m8)
     res: dict = {
         "machine": describe_cpu(),
         "chosen_here": int8_encoding(),

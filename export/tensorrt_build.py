@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..engine.backends.gpu import gpu_identity
+from ..engine.backends.gpu import driver_version, gpu_identity
 from ..engine.errors import UserError
 from ..engine.model.config import AuraFlowConfig
 from ..engine.model.spec import TEXT_ENCODER, TRANSFORMER, VAE_DECODER, dims
@@ -150,6 +150,70 @@ def require_tensorrt():
     return trt
 
 
+# Option name -> how a user recognises it in a message about a folder built with other options
+OPTION_FLAGS = {
+    "source": "the model (its files changed)",
+    "precision": "--precision",
+    "shapes": "--shapes / --height / --width",
+    "dynamic_shapes": "--dynamic-shapes",
+    "hardware_compat": "--hardware-compat",
+    "attention_plugin": "--attention-plugin",
+    "plugin_ptx": "the NVIDIA driver (the attention plugin's PTX version)",
+    "act_quant": "--act-quant",
+    "calibration_prompts": "--calibration-prompts",
+    "loras": "other LoRAs (--lora)",
+    "refittable": "--refittable",
+    "vram_budget": "--vram-budget",
+    "components": "--components",
+    "gpu": "the GPU",
+    "tensorrt": "the TensorRT version",
+    "tools": "the tool versions",
+    "format": "the engine format",
+}
+
+
+def build_options(**opts) -> tuple[dict, str]:
+    """(options, key): everything that changes a TensorRT engine folder, and its hash. A folder is
+    reused only by a build with the same key (``check_reuse``)."""
+    import hashlib
+    import json
+
+    key = hashlib.sha256(json.dumps(opts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return opts, key
+
+
+def check_reuse(out: Path, precision: str, options: dict, key: str, force: bool, quiet: bool) -> bool:
+    """True when ``out`` holds engines built with exactly ``options`` (reuse them). A folder holds
+    one build: one GPU, one set of options; anything else is refused unless ``force`` (then the
+    build replaces it). Several GPUs: one folder each."""
+    from ..engine.runtime.manifest import MANIFEST, Manifest
+
+    if force or not (out / MANIFEST).exists():
+        return False
+    m = Manifest.load(out)
+    if m.get("backend") != "tensorrt" or m.get("precision") != precision:
+        raise UserError(
+            f"{out} holds a {m.get('backend')} {m.get('precision')} engine; pass --force to replace it "
+            "(a folder holds the engines of one build: one GPU, one precision, one set of options)"
+        )
+    old = m.get("tensorrt_build") or {}
+    if old.get("key") == key:
+        if not quiet:
+            print(f"{out}: up to date (TensorRT build key {key}); reusing it", file=sys.stderr)
+        return True
+    before = old.get("options") or {}
+    changed = [OPTION_FLAGS.get(k, k) for k in OPTION_FLAGS if before.get(k) != options.get(k)]
+    what = ", ".join(changed) if before else "options this version does not know (built by an older version)"
+    built = "; ".join(
+        f"{e.get('gpu')} sm_{''.join(map(str, e.get('compute_capability', [])))}"
+        for e in m.get("engines", {}).values()
+    )
+    raise UserError(
+        f"{out} holds TensorRT engines for {built or 'another build'} built with other options ({what}); "
+        "pass --force to replace them, or build into another folder (one folder per GPU and set of options)"
+    )
+
+
 def build_one(
     trt,
     onnx_path: Path,
@@ -163,12 +227,13 @@ def build_one(
     quiet: bool,
     plugin_arch: int | None = None,
     refittable: bool = False,
+    plugin_ptx: int | None = None,
 ) -> dict:  # pragma: no cover - needs TensorRT
     logger = trt.Logger(trt.Logger.WARNING)
     if plugin_arch is not None:
         from .tensorrt_plugin import register_tensorrt_plugin
 
-        register_tensorrt_plugin(plugin_arch)
+        register_tensorrt_plugin(plugin_arch, plugin_ptx)
     builder = trt.Builder(logger)
     # Strongly typed: precisions come from the graph (Q/DQ weights, fp16/bf16 activations).
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
@@ -208,6 +273,23 @@ def build_one(
         "build_seconds": time.perf_counter() - t0,
         "weight_streaming": weight_streaming,
         "profiles": [{k: [list(s) for s in v] for k, v in p.shapes.items()} for p in profiles],
+    }
+
+
+def plugin_manifest(cc, plugin_ptx: int | None) -> dict:
+    """What the attention plugin's kernels were built as (recorded in the engine's manifest entry)."""
+    from .tensorrt_plugin import SHARED_LIMIT, _state
+
+    built = {
+        (b["dtype"], b["head_dim"], b["ptx_version"], b["shared_bytes"]) for b in _state.get("built", [])
+    }
+    return {
+        "arch": f"sm_{cc[0]}{cc[1]}",
+        "max_ptx_version": plugin_ptx,
+        "shared_limit": SHARED_LIMIT,
+        "kernels": [
+            dict(zip(("dtype", "head_dim", "ptx_version", "shared_bytes"), b)) for b in sorted(built)
+        ],
     }
 
 
@@ -253,16 +335,16 @@ def build_tensorrt(
     if hardware_compat not in HARDWARE_COMPAT:
         raise UserError(f"--hardware-compat must be one of {', '.join(HARDWARE_COMPAT)}")
     if hardware_compat == "ampere+" and attention_plugin:
-        # TensorRT's AMPERE_PLUS level caps every kernel at 48 KiB of shared memory, driver-reserved
-        # included; the plugin's attention kernel needs 68 KiB (sm_86/89) to 96 KiB (sm_90) at
-        # head_dim 256 (bench/results/kernel_resources.json), and its PTX is built for this GPU only.
+        # The plugin's PTX is built for this GPU's architecture only, and TensorRT's AMPERE_PLUS
+        # level caps every kernel at 48 KiB of shared memory, driver-reserved included, which the
+        # plugin's d256 launch (49,152 B on sm_90) leaves no room for.
         raise UserError(
-            "--hardware-compat ampere+ limits kernels to 48 KiB of shared memory and the attention "
-            "plugin's kernel needs more (68-96 KiB at head_dim 256); build without --attention-plugin, "
-            "or with --hardware-compat none or same-cc"
+            "--hardware-compat ampere+ makes engines for other GPUs (kernels within 48 KiB of shared memory "
+            "including the driver's reserve), and the attention plugin's kernel is compiled for this GPU only; "
+            "build without --attention-plugin, or with --hardware-compat none or same-cc"
         )
     trt = require_tensorrt()  # before spending minutes on the export
-    from ..engine.runtime.manifest import MANIFEST, Manifest
+    from ..engine.runtime.manifest import VERSION
     from ..engine.runtime.planner import block_activations, parse_bytes
     from .engine_folder import build_lock, finish_folder
     from .onnx_folder import export_onnx_folder
@@ -277,25 +359,36 @@ def build_tensorrt(
     h0, w0 = shape_list[0]
     gpu, cc = gpu_identity()
     key = engine_key(gpu, cc, trt.__version__, hardware_compat)
-    if (out / MANIFEST).exists() and not force:
-        m = Manifest.load(out)
-        if m.get("backend") != "tensorrt" or m.get("precision") != precision:
-            raise UserError(
-                f"{out} holds a {m.get('backend')} {m.get('precision')} engine; pass --force to replace it "
-                "(engines for several GPUs share a folder only at the same precision)"
-            )
-        if key in m.get("engines", {}):
-            from ..engine.model.lora import fingerprints, requested
+    plugin_ptx = None
+    if attention_plugin:  # the plugin's PTX is loaded by this machine's driver: no newer ISA than it reads
+        from .tensorrt_plugin import driver_ptx_isa
 
-            same_refit = bool(m["engines"][key].get("refittable")) == refittable
-            if fingerprints(m.get("loras", [])) != requested(loras) or not same_refit:
-                raise UserError(
-                    f"{out} holds engines built with other LoRAs or another --refittable; pass --force to "
-                    "rebuild (or swap LoRAs with `auraflow-edge refit` if it was built --refittable)"
-                )
-            if not quiet:
-                print(f"{out}: already has engines for {key}; reusing them", file=sys.stderr)
-            return out
+        plugin_ptx = driver_ptx_isa(driver_version())
+    from ..engine.model.checkpoint import open_model
+    from ..engine.model.lora import requested
+    from .engine_folder import source_fingerprint, tool_versions
+
+    options, build_key = build_options(
+        format=VERSION,
+        source=source_fingerprint(open_model(model, components)),
+        precision=precision,
+        shapes=[list(s) for s in shape_list],
+        dynamic_shapes=bool(dynamic_shapes),
+        hardware_compat=hardware_compat,
+        attention_plugin=bool(attention_plugin),
+        plugin_ptx=plugin_ptx,
+        act_quant=act_quant,
+        calibration_prompts=calibration_prompts if act_quant else None,
+        loras=[list(f) for f in requested(loras)],
+        refittable=bool(refittable),
+        vram_budget=parse_bytes(vram_budget) if vram_budget else None,
+        components=components,
+        gpu=[gpu, list(cc)],
+        tensorrt=trt.__version__,
+        tools=tool_versions(),
+    )
+    if check_reuse(out, precision, options, build_key, force, quiet):
+        return out
     with build_lock(out) as tmp:  # one writer; a killed build's leftovers removed; atomic rename
         data = export_onnx_folder(
             model,
@@ -343,6 +436,7 @@ def build_tensorrt(
                 quiet=quiet,
                 plugin_arch=cc[0] * 10 + cc[1] if attention_plugin and name == "transformer" else None,
                 refittable=refittable and name == "transformer",
+                plugin_ptx=plugin_ptx,
             )
         engines["transformer"]["streaming_budget"] = ws.budget
         data["backend"] = "tensorrt"
@@ -356,8 +450,10 @@ def build_tensorrt(
                 "shapes": [list(s) for s in shape_list],
                 "dynamic_shapes": dynamic_shapes,
                 "refittable": refittable,
+                **({"attention_plugin": plugin_manifest(cc, plugin_ptx)} if attention_plugin else {}),
             }
         }
+        data["tensorrt_build"] = {"key": build_key, "options": options}
         data["command"] = command
         finish_folder(tmp, out, data)
     return out

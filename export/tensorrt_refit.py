@@ -147,7 +147,17 @@ def refit_engine(
     command: str = "",
     batch_bytes: int = 1 << 30,
 ) -> Path:
-    """Swap the folder's merged LoRAs for ``loras`` ([(file, scale)]; none restores the base model)."""
+    """Swap the folder's merged LoRAs for ``loras`` ([(file, scale)]; none restores the base model).
+    Holds the folder's build lock throughout: a refit edits files in place, so no build may run
+    beside it (and it runs beside no build)."""
+    from .engine_folder import build_lock
+
+    with build_lock(Path(engine_dir)):
+        return _refit_locked(engine_dir, loras, model, components, quiet, command, batch_bytes)
+
+
+def _refit_locked(engine_dir, loras, model, components, quiet, command, batch_bytes) -> Path:
+    from ..engine.model.lora import fingerprints
     from .engine_folder import build_key, source_fingerprint
     from .tensorrt_build import gpu_identity, require_tensorrt
 
@@ -162,9 +172,9 @@ def refit_engine(
             f"{folder}: built with --act-quant, whose smoothing and activation scales depend on the weights; "
             "rebuild with --lora instead of refitting"
         )
-    if len(m.get("engines", {})) != 1:
+    if len(m.get("engines", {})) != 1:  # a build writes one GPU's engines per folder (check_reuse)
         raise UserError(
-            f"{folder}: holds engines for several GPUs; a refit would leave the others stale: rebuild"
+            f"{folder}: holds engines for {len(m.get('engines', {}))} GPUs, not one; rebuild with --force"
         )
     trt = require_tensorrt()
     from ..engine.backends.tensorrt_backend import select_engine
@@ -250,6 +260,12 @@ def refit_engine(
     pol = {k: _policy(v) for k, v in q.items()}
     h, w = entry["shapes"][0]  # the shape the build traced at (build_tensorrt: the first shape set)
     data["build_key"] = build_key(merged, "tensorrt", m["precision"], pol, h, w)
+    if data.get("tensorrt_build"):  # the folder now is what a build with these LoRAs would reuse
+        from .tensorrt_build import build_options
+
+        opts = dict(data["tensorrt_build"]["options"], loras=[list(f) for f in fingerprints(data["loras"])])
+        opts, key = build_options(**opts)
+        data["tensorrt_build"] = {"key": key, "options": opts}
     data["refit_command"] = command
     files = dict(data["files"])
     root = folder.resolve()

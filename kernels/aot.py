@@ -195,7 +195,19 @@ def specialization(kernel, sig: dict, const: dict, unit=(), aligned=()) -> tuple
     return signature, const, attrs
 
 
-def compile_variant(kernel, sig, const, arch: int, warps: int, stages: int, unit=(), aligned=()):
+def compile_variant(
+    kernel,
+    sig,
+    const,
+    arch: int,
+    warps: int,
+    stages: int,
+    unit=(),
+    aligned=(),
+    ptx_version: int | None = None,
+):
+    """``triton.compile`` for sm_``arch``; ``ptx_version`` (e.g. 87) caps the PTX ISA written, for a
+    driver older than Triton's toolchain."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -206,7 +218,8 @@ def compile_variant(kernel, sig, const, arch: int, warps: int, stages: int, unit
         return triton.compile(
             ASTSource(kernel, signature, constexprs, attrs),
             target=GPUTarget("cuda", arch, 32),
-            options={"num_warps": warps, "num_stages": stages},
+            options={"num_warps": warps, "num_stages": stages}
+            | ({"ptx_version": ptx_version} if ptx_version else {}),
         )
 
 

@@ -92,3 +92,43 @@ def png_parameters(path) -> dict:
 
     with Image.open(path) as im:
         return json.loads(im.text["parameters"])
+
+
+@pytest.fixture
+def fake_trt_build(monkeypatch):
+    """``build_tensorrt`` with the steps that need TensorRT or a GPU replaced (the GPU, the driver,
+    the ONNX export, the engine build): everything that decides reuse, refusal and the manifest
+    runs. ``state`` changes the machine; ``state["builds"]`` counts engines built."""
+    import sys
+    import types
+
+    from auraflow_edge.export import onnx_folder, tensorrt_build
+
+    trt = types.SimpleNamespace(__version__="10.99")
+    state = {"gpu": ("GPU A", (9, 0)), "driver": 12080, "builds": 0, "trt": trt}
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setattr(tensorrt_build, "gpu_identity", lambda: state["gpu"])
+    monkeypatch.setattr(tensorrt_build, "driver_version", lambda: state["driver"], raising=False)
+    monkeypatch.setattr(tensorrt_build, "unsupported_ops", lambda path: [])
+
+    def export(model, tmp, backend, precision, height, width, components=None, **kw):
+        import onnx
+        from onnx import helper
+
+        from auraflow_edge.engine.model.checkpoint import open_model
+
+        comps = {}
+        for name in ("transformer", "text_encoder", "vae_decoder"):
+            onnx.save(helper.make_model(helper.make_graph([], name, [], [])), str(tmp / f"{name}.onnx"))
+            comps[name] = {"file": f"{name}.onnx", "weight_bytes": 1 << 20}
+        cfg = open_model(model, components).transformer_cfg.to_dict()
+        return {"backend": backend, "precision": precision, "transformer_config": cfg, "components": comps}
+
+    def build_one(trt, onnx_path, plan_path, profiles, **kw):
+        state["builds"] += 1
+        plan_path.write_bytes(b"plan %d" % state["builds"])
+        return {"file": plan_path.name}
+
+    monkeypatch.setattr(onnx_folder, "export_onnx_folder", export)
+    monkeypatch.setattr(tensorrt_build, "build_one", build_one)
+    return state

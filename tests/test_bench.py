@@ -57,3 +57,31 @@ def test_bench_writes_json_grid_and_plot(tiny_dir, tmp_path, capsys):
     assert plot.stat().st_size > 1000 and (tmp_path / "r_grid.png").exists()
     printed = capsys.readouterr().out
     assert "ours int8 / diffusers fp32" in printed and "ours int8 / diffusers bf16" in printed
+
+
+def test_profile_summary_shares_and_rates():
+    from auraflow_edge.bench.cpu_profile import summarise
+
+    def node(op, dur, ins, outs):
+        return {
+            "cat": "Node",
+            "name": f"{op}_1_kernel_time",
+            "dur": dur,
+            "args": {"op_name": op, "input_type_shape": ins, "output_type_shape": outs},
+        }
+
+    run = [
+        node("MatMul", 100, [{"float": [2, 10, 8]}, {"float": [8, 4]}], [{"float": [2, 10, 4]}]),
+        node("DynamicQuantizeMatMul", 50, [{"float": [20, 8]}, {"int8": [8, 6]}, {"float": [6]}], []),
+        node("Softmax", 250, [{"float": [2, 5]}], [{"float": [2, 5]}]),
+        {"cat": "Session", "name": "model_run", "dur": 9999},
+    ]
+    s = summarise(run * 2, runs=2)
+    ops = s["ops"]
+    assert list(ops) == ["Softmax", "MatMul", "DynamicQuantizeMatMul"]  # by time
+    assert abs(s["node_seconds_per_call"] - 400e-6) < 1e-12
+    assert abs(ops["Softmax"]["share"] - 250 / 400) < 1e-12
+    # 2 * (2*10) * 8 * 4 = 1280 FLOP in 100 us; 2 * 20 * 8 * 6 = 1920 FLOP in 50 us
+    assert abs(ops["MatMul"]["gflop_per_s"] - 1280 / 100e-6 / 1e9) < 1e-9
+    assert abs(ops["DynamicQuantizeMatMul"]["gflop_per_s"] - 1920 / 50e-6 / 1e9) < 1e-9
+    assert abs(ops["Softmax"]["gb_per_s"] - 80 / 250e-6 / 1e9) < 1e-9 and "gflop_per_s" not in ops["Softmax"]

@@ -138,3 +138,34 @@ def test_fullsize_small_on_cpu_keeps_what_was_measured(tmp_path, monkeypatch):
     assert np.isfinite(fid["ours int8"]["image_psnr_db"])
     assert [t["run"] for t in r["targets"]] == ["ours int8", "ours fp8"]
     assert r["targets"][0]["memory_met"] is None  # no device memory figures on the CPU
+
+
+def test_plugin_launch_evaluates_the_contract_aot_impl_returns():
+    """bench/plugin_launch.py (run by the GPU check) compiled for real in a fresh process without
+    the Triton interpreter: aot_impl's launch description evaluated at concrete odd shapes, the PTX
+    it would load cut to 7 parameters, the uncut one with Triton's scratch parameters, and the 7
+    arguments in TensorRT's order with their C types."""
+    script = (
+        "import json, ctypes\nfrom auraflow_edge.bench import plugin_launch as P\n"
+        "c = P.contract(90, 'bf16', 2, 3, 333, 77, 256, 87)\n"
+        "vals, cts = P.kernel_args(11, 12, 13, c['scalars'], 14)\n"
+        "print(json.dumps(dict(grid=c['grid'], block=c['block'], shared=c['shared'], scalars=c['scalars'],"
+        " ptx=c['ptx_version'], cut=P.entry_params(c['ptx'], c['name']),"
+        " uncut=P.entry_params(c['uncut_ptx'], c['name']), vals=vals,"
+        " cts=[t.__name__ for t in cts])))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["grid"] == [6, 6, 1] and got["block"] == [256, 1, 1]  # ceil(333 / 64), B * H; 8 warps
+    assert 0 < got["shared"] <= 48 * 1024 and got["scalars"] == [3, 333, 77] and got["ptx"] == 87
+    assert got["cut"] == 7 and got["uncut"] > 7
+    assert got["vals"] == [11, 12, 13, 3, 333, 77, 14]
+    assert got["cts"] == ["c_void_p"] * 3 + ["c_int"] * 3 + ["c_void_p"]

@@ -475,27 +475,45 @@ def test_tensorrt_refit_writes_what_a_build_writes(tiny_dir, loras, tmp_path, mo
     assert Manifest.load(e, verify=True)["loras"][0]["scale"] == 1.0
 
 
-def test_tensorrt_rebuild_with_other_loras_is_not_a_reuse(tiny_dir, loras, tmp_path, monkeypatch):
-    from auraflow_edge.engine.model.lora import load_loras
+def test_tensorrt_rebuild_with_other_loras_is_not_a_reuse(tiny_dir, loras, tmp_path, fake_trt_build):
+    """Other LoRAs, or none, or other scales are a refusal naming them; the same LoRAs a reuse."""
     from auraflow_edge.export import tensorrt_build
-    from auraflow_edge.export.engine_folder import finish_folder
 
-    trt, _ = _fake_tensorrt([], [])
-    monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    monkeypatch.setattr(tensorrt_build, "gpu_identity", lambda: ("GPU", (9, 0)))
-    (tmp_path / "t.tmp").mkdir()
-    recs = load_loras([(loras["a"], 0.5)], open_model(tiny_dir)).records()
-    finish_folder(tmp_path / "t.tmp", tmp_path / "t", {"backend": "tensorrt", "precision": "fp16", "loras": recs,
-                  "engines": {"gpu-sm90-trt10.99": {"gpu": "GPU", "compute_capability": [9, 0]}}})  # fmt: skip
     e = tmp_path / "t"
-    assert tensorrt_build.build_tensorrt(str(tiny_dir), e, loras=[(loras["a"], 0.5)], quiet=True) == e
+    tensorrt_build.build_tensorrt(
+        str(tiny_dir), e, loras=[(loras["a"], 0.5)], height=64, width=96, quiet=True
+    )
+    assert fake_trt_build["builds"] == 3
+    assert (
+        tensorrt_build.build_tensorrt(
+            str(tiny_dir), e, loras=[(loras["a"], 0.5)], height=64, width=96, quiet=True
+        )
+        == e
+    )
+    assert fake_trt_build["builds"] == 3
     for other in ([(loras["a"], 1.0)], [(loras["b"], 0.5)], None):
         with pytest.raises(UserError, match="other LoRAs"):
-            tensorrt_build.build_tensorrt(str(tiny_dir), e, loras=other, quiet=True)
+            tensorrt_build.build_tensorrt(str(tiny_dir), e, loras=other, height=64, width=96, quiet=True)
     with pytest.raises(UserError, match="--refittable"):
         tensorrt_build.build_tensorrt(
-            str(tiny_dir), e, loras=[(loras["a"], 0.5)], refittable=True, quiet=True
+            str(tiny_dir), e, loras=[(loras["a"], 0.5)], refittable=True, height=64, width=96, quiet=True
         )
+    assert fake_trt_build["builds"] == 3
+
+
+def test_tensorrt_refit_takes_the_build_lock(tiny_dir, loras, tmp_path, fake_trt_build):
+    """A refit edits the folder in place: while a build holds the folder's lock it is refused,
+    and the folder is left as it was."""
+    from auraflow_edge.export import tensorrt_build
+    from auraflow_edge.export.engine_folder import build_lock
+    from auraflow_edge.export.tensorrt_refit import refit_engine
+
+    e = tmp_path / "t"
+    tensorrt_build.build_tensorrt(str(tiny_dir), e, refittable=True, height=64, width=96, quiet=True)
+    before = {p.name: p.read_bytes() for p in e.iterdir()}
+    with build_lock(e), pytest.raises(UserError, match="another build is writing"):
+        refit_engine(e, [(loras["a"], 1.0)], quiet=True)
+    assert {p.name: p.read_bytes() for p in e.iterdir()} == before
 
 
 def _bad_lora(tiny_dir, loras, tmp_path, what):

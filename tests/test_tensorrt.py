@@ -125,13 +125,16 @@ def test_plugin_attention_equals_reference(tiny_dir):
     from auraflow_edge.engine.model.checkpoint import open_model
     from auraflow_edge.export import tensorrt_plugin
 
+    from diffusers import AuraFlowTransformer2DModel
+
     mf = open_model(tiny_dir)
-    ref = load_transformer(mf, torch.float32, torch.device("cpu"))
     plug = load_transformer(mf, torch.float32, torch.device("cpu"))
     tensorrt_plugin.install(plug)
+    ref = AuraFlowTransformer2DModel.from_pretrained(tiny_dir / "transformer").eval()  # independent
     x, c, t = torch.randn(2, 4, 8, 8), torch.randn(2, 6, 32), torch.tensor([0.3, 0.3])
     with torch.no_grad():
-        torch.testing.assert_close(plug(x, c, timestep=t), ref(x, c, timestep=t), rtol=1e-5, atol=1e-5)
+        want = ref(hidden_states=x, encoder_hidden_states=c, timestep=t).sample
+        torch.testing.assert_close(plug(x, c, timestep=t), want, rtol=1e-5, atol=1e-5)
 
 
 def test_build_without_tensorrt_is_a_clear_error(tiny_dir, tmp_path, capsys):
@@ -334,11 +337,10 @@ def test_plugin_aot_impl_packs_tensorrt_arguments():
     for name in ("HALF", "BF16"):
         got = res[name]
         assert got["name"] == "_attn_trt"
-        # Q, K, V, then H, N_Q, N_K, then Out; Triton appends its scratch pointers after them
-        kinds = got["params"]
-        assert kinds[:7] == ["u64", "u64", "u64", "u32", "u32", "u32", "u64"] and set(kinds[7:]) <= {"u64"}
+        # exactly Q, K, V, then H, N_Q, N_K, then Out: Triton's scratch pointers are cut off
+        assert got["params"] == ["u64", "u64", "u64", "u32", "u32", "u32", "u64"]
         assert got["grid_x"] == ["cdiv", "NQ", bm] and got["grid_y"] == ["mul", "B", "H"]
-        assert got["block_x"] == warps * 32 and got["shared"] > 0
+        assert got["block_x"] == warps * 32 and 0 < got["shared"] <= tp.SHARED_LIMIT
         assert got["extra"] == [["i32", "H"], ["i32", "NQ"], ["i32", "NK"]]
         assert got["cp_async"]
     assert res["HALF"]["f16_mma"] and not res["HALF"]["bf16_mma"]
@@ -372,3 +374,130 @@ def test_tensorrt_folder_of_another_precision_is_not_reused(tiny_dir, tmp_path, 
     )
     with pytest.raises(UserError, match="holds a tensorrt fp8 engine; pass --force"):
         tensorrt_build.build_tensorrt(str(tiny_dir), tmp_path / "t", precision="int8", quiet=True)
+
+
+_PTX = """.version 8.7
+.target sm_90a
+.visible .entry k(
+\t.param .u64 .ptr .global .align 1 k_param_0,
+\t.param .u32 k_param_1,
+\t.param .u64 .ptr .global .align 1 k_param_2,
+\t.param .u64 .ptr .global .align 1 k_param_3
+)
+.reqntid 128
+{
+\tld.param.b64 \t%rd1, [k_param_0];
+\tld.param.b32 \t%r1, [k_param_1];
+\tld.param.b64 \t%rd2, [k_param_2];
+}
+"""
+
+
+def test_ptx_entry_is_cut_to_the_launch_signature_and_nothing_else():
+    """Triton's trailing scratch pointers go; a kernel asking for scratch memory, or reading a
+    parameter that would be cut, is refused rather than launched misaligned."""
+    none = types.SimpleNamespace(global_scratch_size=0, profile_scratch_size=0)
+    cut = tp.cut_entry_params(_PTX, "k", 3, none)
+    entry = cut[cut.index(".entry") : cut.index(")")]
+    assert entry.count(".param") == 3 and "k_param_3" not in cut and "k_param_2" in entry
+    assert cut[cut.index(")") :] == _PTX[_PTX.index(")") :]  # the body is untouched
+    whole = tp.cut_entry_params(_PTX, "k", 4, none)
+    assert whole[whole.index(".entry") : whole.index(")")].count(".param") == 4
+    with pytest.raises(UserError, match="scratch memory"):
+        tp.cut_entry_params(
+            _PTX, "k", 3, types.SimpleNamespace(global_scratch_size=128, profile_scratch_size=0)
+        )
+    with pytest.raises(UserError, match="reads its extra parameter k_param_2"):
+        tp.cut_entry_params(_PTX, "k", 2, none)
+    with pytest.raises(UserError, match="fewer than"):
+        tp.cut_entry_params(_PTX, "k", 5, none)
+
+
+def test_ptx_isa_follows_the_driver():
+    """cuDriverGetVersion -> newest PTX ISA it loads (PTX ISA release notes)."""
+    assert [tp.driver_ptx_isa(v) for v in (12000, 12040, 12060, 12080, 12090, 13000, 13010)] == [
+        80, 84, 85, 87, 88, 90, 91,
+    ]  # fmt: skip
+    assert tp.ptx_isa(_PTX) == 87
+    with pytest.raises(UserError, match="CUDA 12"):
+        tp.driver_ptx_isa(11080)
+
+
+def test_node_params_are_found_by_type_not_position():
+    import itertools
+
+    params = np.array([1e-6, 0.25, 1.0], np.float32)
+    for order in itertools.permutations([params, "auraflow_edge", 1]):
+        assert tp.node_params(list(order)) == (pytest.approx(1e-6), 0.25, 1)
+    with pytest.raises(UserError, match="'params'"):
+        tp.node_params(["auraflow_edge", 1])
+
+
+_CHANGES = {  # option -> (build arguments that change it, the flag the refusal names)
+    "shapes": ({"shapes": "96x64,128x128"}, "--shapes"),
+    "size": ({"height": 128}, "--shapes / --height / --width"),
+    "dynamic_shapes": ({"dynamic_shapes": True}, "--dynamic-shapes"),
+    "attention_plugin": ({"attention_plugin": True}, "--attention-plugin"),
+    "act_quant": ({"act_quant": "int8"}, "--act-quant"),  # on an int8 build (--act-quant needs one)
+    "refittable": ({"refittable": True}, "--refittable"),
+    "hardware_compat": ({"hardware_compat": "same-cc"}, "--hardware-compat"),
+    "vram_budget": ({"vram_budget": "6GiB"}, "--vram-budget"),
+    "components": ({"components": "transformer"}, "--components"),
+}
+
+
+@pytest.mark.parametrize("option", _CHANGES)
+def test_tensorrt_folder_is_reused_only_with_every_option_equal(option, tiny_dir, tmp_path, fake_trt_build):
+    """Issue 17, item 6: the same build reuses the folder; any option that changes the engines is
+    a refusal naming it (nothing touched), and with --force a rebuild, which is then reused."""
+    base = dict(precision="int8" if option == "act_quant" else "fp16", height=64, width=96, quiet=True)
+    out = tmp_path / "t"
+    tb.build_tensorrt(str(tiny_dir), out, **base)
+    built = fake_trt_build["builds"]
+    assert built == 3 and tb.build_tensorrt(str(tiny_dir), out, **base) == out
+    assert fake_trt_build["builds"] == built  # reused
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    change, flag = _CHANGES[option]
+    args = {**base, **change}
+    with pytest.raises(UserError, match="pass --force") as err:
+        tb.build_tensorrt(str(tiny_dir), out, **args)
+    assert flag in str(err.value)
+    assert fake_trt_build["builds"] == built and {p.name: p.read_bytes() for p in out.iterdir()} == before
+    tb.build_tensorrt(str(tiny_dir), out, **args, force=True)
+    assert fake_trt_build["builds"] == built + 3
+    tb.build_tensorrt(str(tiny_dir), out, **args)  # the new build is reused
+    assert fake_trt_build["builds"] == built + 3
+    m = Manifest.load(out)
+    assert m["tensorrt_build"]["options"]["precision"] == args["precision"]
+
+
+@pytest.mark.parametrize("machine", ["gpu", "tensorrt", "driver", "tools"])
+def test_tensorrt_folder_of_another_machine_is_not_reused(
+    machine, tiny_dir, tmp_path, fake_trt_build, monkeypatch
+):
+    """One folder holds one GPU's engines: a build on another GPU (or TensorRT, or tool versions;
+    with the plugin, a driver that reads another PTX ISA) is refused with the first GPU's engines
+    left intact, and replaces them with --force."""
+    from auraflow_edge.export import engine_folder
+
+    base = dict(precision="fp16", height=64, width=96, quiet=True, attention_plugin=True)
+    out = tmp_path / "t"
+    tb.build_tensorrt(str(tiny_dir), out, **base)
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    if machine == "gpu":
+        fake_trt_build["gpu"] = ("GPU B", (8, 9))
+    elif machine == "tensorrt":
+        fake_trt_build["trt"].__version__ = "10.100"
+    elif machine == "driver":
+        fake_trt_build["driver"] = 12060
+    else:
+        real = engine_folder.tool_versions
+        monkeypatch.setattr(engine_folder, "tool_versions", lambda: {**real(), "onnx": "0.0.1"})
+    with pytest.raises(UserError, match="pass --force to replace them, or build into another folder"):
+        tb.build_tensorrt(str(tiny_dir), out, **base)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == first
+    tb.build_tensorrt(str(tiny_dir), out, **base, force=True)
+    m = Manifest.load(out)
+    assert len(m["engines"]) == 1 and fake_trt_build["builds"] == 6
+    (entry,) = m["engines"].values()
+    assert entry["attention_plugin"]["max_ptx_version"] == tp.driver_ptx_isa(fake_trt_build["driver"])

@@ -93,3 +93,14 @@ def test_torch_and_numpy_quantizers_agree(fmt):
         nq, ns = (qz.quantize_fp8 if fmt == "fp8" else qz.quantize_int8)(w)
         np.testing.assert_allclose(ts.numpy(), ns, rtol=1e-6)
         np.testing.assert_array_equal(tq.float().numpy(), nq.astype(np.float32))
+
+
+def test_quantized_torch_on_the_cpu_points_to_the_onnx_runtime_engine(tiny_dir):
+    lines = []
+    fp32 = Pipeline.load(tiny_dir, precision="fp32", device="cpu")
+    assert "hint" not in fp32.info
+    pipe = Pipeline.load(tiny_dir, precision="int8", device="cpu")
+    (res,) = pipe.generate_many(["a cat"], steps=1, height=64, width=64, announce=lines.append)
+    assert any(line.startswith("hint: int8 on the torch backend is slow on the CPU") for line in lines)
+    assert "auraflow-edge build MODEL -o ENGINE --precision int8" in pipe.info["hint"]
+    assert "hint" not in res.parameters  # a line for the user, not a generation parameter

@@ -238,11 +238,10 @@ def test_plugin_node_and_attributes(trt_exports, tiny_dir):
     nodes = [n for n in m.graph.node if n.domain == "auraflow_edge"]
     assert len(nodes) == cfg.num_mmdit_layers + cfg.num_single_dit_layers
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nodes[0].attribute}
-    assert (
-        attrs["q_norm"] == 1
-        and abs(attrs["scale"] - cfg.attention_head_dim**-0.5) < 1e-7
-        and abs(attrs["eps"] - 1e-5) < 1e-9
-    )
+    # one float array: TensorRT hands an AOT implementation its attributes by position
+    assert set(attrs) == {"params", "plugin_namespace", "aot"}
+    eps, scale, q_norm = attrs["params"]
+    assert q_norm == 1 and abs(scale - cfg.attention_head_dim**-0.5) < 1e-7 and abs(eps - 1e-5) < 1e-9
     # TensorRT's ONNX parser: op type = plugin name, plugin_namespace names its namespace, aot=1
     # selects the ahead-of-time implementation
     assert attrs["plugin_namespace"] == b"auraflow_edge" and attrs["aot"] == 1

@@ -47,7 +47,8 @@ def select_engine(manifest: Manifest, gpu: str, cc: tuple[int, int], trt_version
     cmd = manifest.get("command") or "auraflow-edge build MODEL -o DIR --backend tensorrt"
     raise UserError(
         f"{manifest.folder}: engines were built for {built}, not for this {gpu} (sm_{cc[0]}{cc[1]}) with TensorRT "
-        f"{trt_version}; rebuild on this GPU ({cmd}), or build with --hardware-compat ampere+"
+        f"{trt_version}; rebuild on this GPU into another folder (or this one with --force: a folder holds one "
+        f"GPU's engines): {cmd}; or build with --hardware-compat ampere+"
     )
 
 

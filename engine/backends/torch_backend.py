@@ -16,7 +16,7 @@ from ..errors import UserError
 from ..model.checkpoint import ModelFolder, open_model
 from ..model.config import check_latent_size
 from ..model.safetensors_io import SafetensorsFile
-from ..model.spec import FLOAT_PRECISIONS, torch_dtype
+from ..model.spec import FLOAT_PRECISIONS, QUANT_PRECISIONS, torch_dtype
 from ..model.transformer import AuraFlowTransformer
 from ..runtime.image import to_uint8
 from ..runtime.schedule import Schedule
@@ -305,6 +305,12 @@ class TorchStages(StageSet):
         d = {"backend": "torch", "precision": self.precision, "device": self.device_name}
         if self.auto_reason:
             d["auto"] = self.auto_reason
+        if self.device.type == "cpu" and self.precision in QUANT_PRECISIONS:
+            # the torch path dequantizes every weight on every call on the CPU (no CPU 8-bit kernels)
+            d["hint"] = (
+                f"hint: {self.precision} on the torch backend is slow on the CPU; an ONNX Runtime engine "
+                f"runs 8-bit matmuls natively: auraflow-edge build MODEL -o ENGINE --precision {self.precision}"
+            )
         return d | ({"loras": self.loras.records()} if self.loras else {})
 
     def sizes(self):

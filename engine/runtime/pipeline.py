@@ -196,8 +196,9 @@ class Pipeline:
         cfg_on = guidance > 1.0  # as diffusers: no unconditional pass at guidance <= 1
         plan = self.plan(height, width, vram_budget, batch=2 if cfg_on else 1, vae_tiles=vae_tiles)
         if announce is not None:  # every check passed; nothing is loaded yet
-            if "auto" in self.info:
-                announce(self.info["auto"])
+            for line in ("auto", "hint"):  # why "auto" chose what it chose; a faster way, if any
+                if line in self.info:
+                    announce(self.info[line])
             i = self.info
             announce(f"{i.get('backend')} backend, {i.get('precision')}, {i.get('device')}, {width}x{height}")
         reports = []
@@ -239,7 +240,7 @@ class Pipeline:
                 "height": height,
                 "width": width,
                 "shift": self.shift,
-                **{k: v for k, v in self.info.items() if k != "auto"},  # the "why" line is not a parameter
+                **{k: v for k, v in self.info.items() if k not in ("auto", "hint")},  # lines, not parameters
             }
             out.append(Result(to_pil(pixels[i][0]), latents[i], params, reports, plan))
         return out
