@@ -310,6 +310,80 @@ def _progress_monitor(trt):  # pragma: no cover - needs TensorRT
     return Monitor()
 
 
+def _check_hardware_compat(hardware_compat: str, attention_plugin: bool) -> None:
+    if hardware_compat not in HARDWARE_COMPAT:
+        raise UserError(f"--hardware-compat must be one of {', '.join(HARDWARE_COMPAT)}")
+    if hardware_compat == "ampere+" and attention_plugin:
+        # The plugin's PTX is built for this GPU's architecture only, and TensorRT's AMPERE_PLUS
+        # level caps every kernel at 48 KiB of shared memory, driver-reserved included, which the
+        # plugin's d256 launch (49,152 B on sm_90) leaves no room for.
+        raise UserError(
+            "--hardware-compat ampere+ makes engines for other GPUs (kernels within 48 KiB of shared memory "
+            "including the driver's reserve), and the attention plugin's kernel is compiled for this GPU only; "
+            "build without --attention-plugin, or with --hardware-compat none or same-cc"
+        )
+
+
+def _recorded_options(model: str, components, precision: str, loras) -> dict:
+    """The build options that come from the model and this software rather than from the flags."""
+    from ..engine.model.checkpoint import open_model
+    from ..engine.model.lora import requested
+    from ..engine.runtime.manifest import VERSION
+    from .engine_folder import source_fingerprint, tool_versions
+
+    return {
+        "format": VERSION,
+        "source": source_fingerprint(open_model(model, components)),
+        "precision": precision,
+        "loras": [list(f) for f in requested(loras)],
+        "components": components,
+        "tools": tool_versions(),
+    }
+
+
+def _build_components(
+    trt, tmp: Path, data: dict, key: str, gpu_cc, options: dict, timing_cache, quiet: bool
+) -> dict:
+    """One engine per exported component in ``tmp`` -> the manifest's engine records."""
+    from ..engine.runtime.planner import block_activations
+
+    gpu, cc = gpu_cc
+    cfg = AuraFlowConfig(**data["transformer_config"])
+    comps = data["components"]
+    shape_list, dynamic = [tuple(s) for s in options["shapes"]], options["dynamic_shapes"]
+    (h0, w0), budget = shape_list[0], options["vram_budget"]
+    act = block_activations(cfg, h0, w0, batch=2, act_bytes=2)  # CFG batch, 16-bit activations
+    ws = weight_streaming_plan(comps["transformer"]["weight_bytes"], act, budget)
+    workspace = min(budget // 4 if budget else 4 << 30, 4 << 30)
+    cache = Path(timing_cache) if timing_cache else None
+    specs = {
+        "transformer": (transformer_profiles(cfg, shape_list, dynamic), ws.enable),
+        "text_encoder": (text_encoder_profiles(cfg), False),
+        "vae_decoder": (vae_profiles(cfg, shape_list, dynamic), False),
+    }
+    engines = {}
+    for name, (profs, stream) in specs.items():
+        if not quiet:
+            print(f"building the {name} engine for {gpu} ({key})", file=sys.stderr)
+        on_transformer = name == "transformer"
+        engines[name] = build_one(
+            trt,
+            tmp / comps[name]["file"],
+            tmp / f"{name}.{key}.plan",
+            profs,
+            workspace=workspace,
+            timing_cache=cache,
+            hardware_compat=options["hardware_compat"],
+            weight_streaming=stream,
+            quiet=quiet,
+            plugin_arch=cc[0] * 10 + cc[1] if options["attention_plugin"] and on_transformer else None,
+            refittable=options["refittable"] and on_transformer,
+            plugin_ptx=options["plugin_ptx"],
+        )
+    engines["transformer"]["streaming_budget"] = ws.budget
+    return engines
+
+
 def build_tensorrt(
     model: str,
     out: str | Path,
@@ -332,20 +406,9 @@ def build_tensorrt(
     refittable: bool = False,
 ) -> Path:
     """Export the ONNX (TensorRT form) into a temp folder, build one engine per component, rename."""
-    if hardware_compat not in HARDWARE_COMPAT:
-        raise UserError(f"--hardware-compat must be one of {', '.join(HARDWARE_COMPAT)}")
-    if hardware_compat == "ampere+" and attention_plugin:
-        # The plugin's PTX is built for this GPU's architecture only, and TensorRT's AMPERE_PLUS
-        # level caps every kernel at 48 KiB of shared memory, driver-reserved included, which the
-        # plugin's d256 launch (49,152 B on sm_90) leaves no room for.
-        raise UserError(
-            "--hardware-compat ampere+ makes engines for other GPUs (kernels within 48 KiB of shared memory "
-            "including the driver's reserve), and the attention plugin's kernel is compiled for this GPU only; "
-            "build without --attention-plugin, or with --hardware-compat none or same-cc"
-        )
+    _check_hardware_compat(hardware_compat, attention_plugin)
     trt = require_tensorrt()  # before spending minutes on the export
-    from ..engine.runtime.manifest import VERSION
-    from ..engine.runtime.planner import block_activations, parse_bytes
+    from ..engine.runtime.planner import parse_bytes
     from .engine_folder import build_lock, finish_folder
     from .onnx_folder import export_onnx_folder
 
@@ -364,14 +427,8 @@ def build_tensorrt(
         from .tensorrt_plugin import driver_ptx_isa
 
         plugin_ptx = driver_ptx_isa(driver_version())
-    from ..engine.model.checkpoint import open_model
-    from ..engine.model.lora import requested
-    from .engine_folder import source_fingerprint, tool_versions
-
     options, build_key = build_options(
-        format=VERSION,
-        source=source_fingerprint(open_model(model, components)),
-        precision=precision,
+        **_recorded_options(model, components, precision, loras),
         shapes=[list(s) for s in shape_list],
         dynamic_shapes=bool(dynamic_shapes),
         hardware_compat=hardware_compat,
@@ -379,13 +436,10 @@ def build_tensorrt(
         plugin_ptx=plugin_ptx,
         act_quant=act_quant,
         calibration_prompts=calibration_prompts if act_quant else None,
-        loras=[list(f) for f in requested(loras)],
         refittable=bool(refittable),
         vram_budget=parse_bytes(vram_budget) if vram_budget else None,
-        components=components,
         gpu=[gpu, list(cc)],
         tensorrt=trt.__version__,
-        tools=tool_versions(),
     )
     if check_reuse(out, precision, options, build_key, force, quiet):
         return out
@@ -404,41 +458,12 @@ def build_tensorrt(
             calibration_prompts=calibration_prompts,
             loras=loras,
         )
-        cfg = AuraFlowConfig(**data["transformer_config"])
         comps = data["components"]
         for name in ("transformer", "text_encoder", "vae_decoder"):
             bad = unsupported_ops(tmp / comps[name]["file"])
             if bad:
                 raise UserError(f"{name} graph has operators TensorRT cannot parse: {', '.join(bad)}")
-        budget = parse_bytes(vram_budget) if vram_budget else None
-        act = block_activations(cfg, h0, w0, batch=2, act_bytes=2)  # CFG batch, 16-bit activations
-        ws = weight_streaming_plan(comps["transformer"]["weight_bytes"], act, budget)
-        workspace = min(budget // 4 if budget else 4 << 30, 4 << 30)
-        cache = Path(timing_cache) if timing_cache else None
-        engines = {}
-        specs = {
-            "transformer": (transformer_profiles(cfg, shape_list, dynamic_shapes), ws.enable),
-            "text_encoder": (text_encoder_profiles(cfg), False),
-            "vae_decoder": (vae_profiles(cfg, shape_list, dynamic_shapes), False),
-        }
-        for name, (profs, stream) in specs.items():
-            if not quiet:
-                print(f"building the {name} engine for {gpu} ({key})", file=sys.stderr)
-            engines[name] = build_one(
-                trt,
-                tmp / comps[name]["file"],
-                tmp / f"{name}.{key}.plan",
-                profs,
-                workspace=workspace,
-                timing_cache=cache,
-                hardware_compat=hardware_compat,
-                weight_streaming=stream,
-                quiet=quiet,
-                plugin_arch=cc[0] * 10 + cc[1] if attention_plugin and name == "transformer" else None,
-                refittable=refittable and name == "transformer",
-                plugin_ptx=plugin_ptx,
-            )
-        engines["transformer"]["streaming_budget"] = ws.budget
+        engines = _build_components(trt, tmp, data, key, (gpu, cc), options, timing_cache, quiet)
         data["backend"] = "tensorrt"
         data["engines"] = {
             key: {
