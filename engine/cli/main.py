@@ -77,6 +77,8 @@ def cmd_generate(args) -> int:
     if not out.parent.exists():
         raise UserError(f"{out.parent}: output folder does not exist")
     prompts = [args.prompt] if args.prompts is None else read_prompts(args.prompts)
+    if args.num_images < 1:  # named by its flag here; check_jobs words it for the Python API
+        raise UserError(f"--num-images must be >= 1, got {args.num_images}")
     check_jobs(prompts, args.num_images, bool(args.noise))  # before the model loads
     n = len(prompts) * args.num_images
     outs = [out] if n == 1 else [out.with_name(f"{out.stem}-{i + 1:04d}.png") for i in range(n)]
