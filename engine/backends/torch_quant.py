@@ -44,7 +44,9 @@ def _act_quant_ref(x: torch.Tensor, fmt: str):
 
 
 def quantize_weight(w: torch.Tensor, fmt: str, block: int = 64):
-    """Torch version of export/quantize.py (same rounding: half to even), on w's device.
+    """The torch twin of engine/model/quant.py (same rounding: half to even), kept because it runs on
+    w's device: quantizing a 6.86 B-parameter transformer at load on the GPU instead of in numpy on
+    the CPU (tests/test_torch_quant.py holds the two equal).
     -> (w_q, w_s): int8 (N, K) + (N,); fp8 (N, K) + (N,); int4 packed (N, K/2) + (N, K/block)."""
     w = w.float()
     if fmt == "int4":

@@ -3,7 +3,7 @@
 Parameter names equal those of diffusers' ``AuraFlowTransformer2DModel`` so a diffusers
 checkpoint is assigned without renaming. Unlike the reference, the timestep-only modulation can
 be supplied precomputed (``modulation=``): the exported graph takes it as an input and the
-modulation linears stay on the CPU (see ``engine/modulation.py``).
+modulation linears stay on the CPU (see ``engine/runtime/modulation.py``).
 """
 
 from __future__ import annotations
