@@ -74,7 +74,7 @@ def inputs(tiny_dir, trt_exports):
     z = rng.standard_normal((1, 4, 8, 12), dtype=np.float32)
     out = {"x": x, "c": c, "mod": table(np.array([0.8], np.float32)), "ids": ids, "mask": mask, "z": z}
     positions = trt_exports["fp16"][0] / "positions.safetensors"
-    if positions.exists():  # the positional crop as a graph input (engine/positions.py)
+    if positions.exists():  # the positional crop as a graph input (engine/runtime/positions.py)
         from auraflow_edge.engine.runtime.positions import PositionTable
 
         out["pos"] = PositionTable(mf.transformer_cfg, positions)(8, 12)
