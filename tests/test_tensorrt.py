@@ -121,11 +121,11 @@ def test_operator_check_catches_unsupported(tiny_dir, tmp_path):
 
 
 def test_plugin_attention_equals_reference(tiny_dir):
+    from diffusers import AuraFlowTransformer2DModel
+
     from auraflow_edge.engine.backends.torch_backend import load_transformer
     from auraflow_edge.engine.model.checkpoint import open_model
     from auraflow_edge.export import tensorrt_plugin
-
-    from diffusers import AuraFlowTransformer2DModel
 
     mf = open_model(tiny_dir)
     plug = load_transformer(mf, torch.float32, torch.device("cpu"))
