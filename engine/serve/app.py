@@ -40,6 +40,7 @@ class ServeOptions:
     keep_images: int = 64  # response_format=url: the last N images stay downloadable
     generate_options: dict = field(default_factory=dict)  # vram_budget, vae_tiles
     disconnect_poll: float = 0.2  # seconds between checks that a waiting client is still there
+    image_store: object = None  # default: ImageStore(keep_images) in this process (Ray: one shared actor)
 
 
 class ImageStore:
@@ -49,14 +50,14 @@ class ImageStore:
         self.keep = keep
         self._items: OrderedDict[str, bytes] = OrderedDict()
 
-    def put(self, png: bytes) -> str:
+    async def put(self, png: bytes) -> str:
         key = uuid.uuid4().hex
         self._items[key] = png
         while len(self._items) > self.keep:
             self._items.popitem(last=False)
         return key
 
-    def get(self, key: str) -> bytes | None:
+    async def get(self, key: str) -> bytes | None:
         return self._items.get(key)
 
 
@@ -73,7 +74,7 @@ class Server:
         self.replica = options.replica or f"{socket.gethostname()}:{os.getpid()}"
         self.started = int(time.time())
         self.metrics = Metrics()
-        self.images = ImageStore(options.keep_images)
+        self.images = options.image_store or ImageStore(options.keep_images)
         self.batcher = Batcher(
             pipe,
             self.metrics,

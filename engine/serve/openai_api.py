@@ -96,14 +96,14 @@ def add_routes(router: APIRouter, server) -> None:
         images = await server.run(request, job)
         if fmt == "url":
             base = str(request.base_url).rstrip("/")
-            data = [{"url": f"{base}/v1/images/files/{server.images.put(im.png)}.png"} for im in images]
+            data = [{"url": f"{base}/v1/images/files/{await server.images.put(im.png)}.png"} for im in images]
         else:
             data = [{"b64_json": base64.b64encode(im.png).decode()} for im in images]
         return JSONResponse({"created": int(time.time()), "data": data})
 
     @router.get("/v1/images/files/{name}")
     async def image_file(name: str):
-        png = server.images.get(name.removesuffix(".png"))
+        png = await server.images.get(name.removesuffix(".png"))
         if png is None:
             raise rq.BadRequest(
                 f"image {name} is not here (this server keeps the last {server.images.keep} images)",
