@@ -21,7 +21,7 @@ def parse(server, body: dict) -> tuple[rq.Job, dict]:
     lim = server.limits
     prompt = rq.text(body, "prompt", lim, required=True)
     negative = rq.text(body, "negative_prompt", lim)
-    steps = rq.integer(body, "steps", 50, 1, lim.max_steps)
+    steps = rq.integer(body, "steps", min(50, lim.max_steps), 1, lim.max_steps)
     cfg = rq.number(body, "cfg_scale", 3.5)
     dh, dw = server.pipe.default_size()
     width = rq.integer(body, "width", dw, 16, lim.max_side)

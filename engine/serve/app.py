@@ -260,7 +260,7 @@ def _page(server: Server) -> str:
         "model": server.model_name,
         "width": w,
         "height": h,
-        "steps": 50,
+        "steps": min(50, lim.max_steps),
         "guidance": 3.5,
         "max_side": lim.max_side,
         "max_steps": lim.max_steps,

@@ -50,7 +50,7 @@ def parse(server, body: dict) -> tuple[rq.Job, str]:
         lim,
         prompt,
         rq.text(body, "negative_prompt", lim),
-        rq.integer(body, "steps", 50, 1, lim.max_steps),
+        rq.integer(body, "steps", min(50, lim.max_steps), 1, lim.max_steps),
         rq.number(body, "guidance", 3.5),
         height,
         width,

@@ -64,9 +64,10 @@ class SharedImages:
 
         cls = ray.remote(num_cpus=0)(ImageStore)
         self.keep = keep
-        self.actor = cls.options(name=f"{app_name}-images", namespace="serve", get_if_exists=True).remote(
-            keep
-        )
+        # detached: it outlives the replica that happened to create it (run_on_ray removes it)
+        self.actor = cls.options(
+            name=f"{app_name}-images", namespace="serve", get_if_exists=True, lifetime="detached"
+        ).remote(keep)
 
     async def put(self, png: bytes) -> str:
         return await self.actor.put.remote(png)
@@ -164,6 +165,10 @@ def run_on_ray(
         try:
             if address:
                 serve.delete(APP_NAME)  # the cluster and its Serve instance are someone else's
+                try:
+                    ray.kill(ray.get_actor(f"{APP_NAME}-images", namespace="serve"))
+                except ValueError:  # no url image was ever stored
+                    pass
             else:
                 serve.shutdown()
         finally:
