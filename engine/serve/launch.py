@@ -114,7 +114,7 @@ def load_pipeline(config: dict, progress: bool = True):
         opts["loras"] = [parse_lora_arg(x) for x in config["lora"]]
     if config["generate_options"].get("vram_budget"):
         opts["vram_budget"] = config["generate_options"]["vram_budget"]
-    return Pipeline.load(
+    pipe = Pipeline.load(
         config["model"],
         backend=config["backend"],
         device=config["device"],
@@ -124,6 +124,10 @@ def load_pipeline(config: dict, progress: bool = True):
         keep_resident=config["keep_resident"],
         **opts,
     )
+    if config["keep_resident"]:  # load the three stages now, not in the first client's request
+        h, w = pipe.default_size()
+        pipe.generate("warm-up", steps=1, height=h, width=w, **config["generate_options"])
+    return pipe
 
 
 def serve_options(config: dict, replica: str = ""):
