@@ -39,7 +39,9 @@ def start(model: Path, extra: list[str], workdir: Path) -> tuple[subprocess.Pope
     exe = os.path.join(os.path.dirname(sys.executable), "auraflow-edge")
     cmd = [exe, "--quiet", "serve", str(model), "--port", str(port), "--device", "cpu", "--precision", "fp32"]
     cmd += ["--max-queue", "256", *extra]
-    proc = subprocess.Popen(cmd, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     url = f"http://127.0.0.1:{port}"
     end = time.monotonic() + 300
     while time.monotonic() < end:
@@ -75,7 +77,9 @@ def load(url: str, clients: int, per_client: int, body: dict, seed0: int) -> dic
                 r = h.post(f"{url}/v1/images/generations", json=body | {"seed": seed0 + c * 1000 + k})
                 dt = time.perf_counter() - t0
                 with lock:
-                    (lat if r.status_code == 200 else errors).append(dt if r.status_code == 200 else r.status_code)
+                    (lat if r.status_code == 200 else errors).append(
+                        dt if r.status_code == 200 else r.status_code
+                    )
                     replicas.add(r.headers.get("x-auraflow-replica"))
 
     threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
