@@ -79,7 +79,9 @@ class Metrics:
         self.queue_images = Gauge(f"{p}_queue_images", "images waiting for the pipeline")
         self.batch_images = Summary(f"{p}_batch_images", "images per generate_many call")
         self.batch_seconds = Summary(f"{p}_batch_seconds", "seconds per generate_many call")
-        self.step_seconds = Summary(f"{p}_step_seconds", "seconds per sampling step (one image)")
+        self.step_seconds = Summary(
+            f"{p}_step_seconds", "batch seconds per image sampling step (text encoder and VAE included)"
+        )
 
     def set_queue(self, requests: int, images: int) -> None:
         self.queue_requests.set(requests)
