@@ -146,7 +146,7 @@ def main() -> int:
     if args.model:
         model = Path(args.model).resolve()
     else:
-        from auraflow_edge.engine.demo import make_tiny_pipeline
+        from auraflow_edge.engine.tiny.random_model import make_tiny_pipeline
 
         model = make_tiny_pipeline(workdir / "tiny")
     before = loadavg()

@@ -18,9 +18,10 @@ import pytest
 from PIL import Image
 from serve_util import ThreadServer
 
-from auraflow_edge.engine.cli import build_parser, main
+from auraflow_edge.engine.cli.main import build_parser, main
 from auraflow_edge.engine.serve.app import create_app
-from auraflow_edge.engine.serve.launch import config_from_args, load_pipeline, serve_options
+from auraflow_edge.engine.serve.config import load_pipeline, serve_options
+from auraflow_edge.engine.serve.launch import config_from_args
 
 SIZE = dict(height=64, width=64)
 
@@ -336,7 +337,7 @@ def test_disconnected_client_gives_its_place_up_and_full_queue_is_503(served):
 
 
 def test_memory_steady_over_50_requests(served):
-    from auraflow_edge.engine.stages import current_rss
+    from auraflow_edge.engine.runtime.stages import current_rss
 
     url, _, _ = served
     with httpx.Client(timeout=60) as c:

@@ -58,7 +58,7 @@ def test_page_generates_an_image_in_chromium(server, tiny_dir):
         pytest.fail(f"{CHROMIUM} is missing: `apt-get install chromium` (.ci/run does)")
     from playwright.sync_api import sync_playwright
 
-    from auraflow_edge.engine.pipeline import Pipeline
+    from auraflow_edge.engine.runtime.pipeline import Pipeline
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)

@@ -56,7 +56,7 @@ def ray_server(tiny_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pipe(tiny_dir):
-    from auraflow_edge.engine.pipeline import Pipeline
+    from auraflow_edge.engine.runtime.pipeline import Pipeline
 
     return Pipeline.load(tiny_dir, device="cpu", precision="fp32", progress=False, keep_resident=True)
 

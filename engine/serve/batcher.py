@@ -17,7 +17,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from ..errors import UserError
-from ..image import png_bytes
+from ..runtime.image import png_bytes
 from .metrics import Metrics
 
 

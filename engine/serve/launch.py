@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import sys
 from dataclasses import asdict
-from pathlib import Path
 
 from ..errors import UserError
+from .config import default_model_name, load_pipeline, missing_extra, serve_options
 from .requests import Limits
 
 
@@ -94,57 +94,6 @@ def config_from_args(args) -> dict:
         "batching": not args.no_batching,
         "keep_images": args.keep_images,
     }
-
-
-def default_model_name(model: str) -> str:
-    p = Path(model)
-    return p.name if p.exists() else model  # a hub id names itself
-
-
-def load_pipeline(config: dict, progress: bool = True):
-    """``Pipeline.load`` with the options of ``generate`` (so images equal the CLI's)."""
-    from ..pipeline import Pipeline
-
-    opts = {}
-    if config["backend"] in ("auto", "torch"):
-        opts["precision"] = config["precision"]
-    if config.get("lora"):
-        from ..lora import parse_lora_arg
-
-        opts["loras"] = [parse_lora_arg(x) for x in config["lora"]]
-    if config["generate_options"].get("vram_budget"):
-        opts["vram_budget"] = config["generate_options"]["vram_budget"]
-    pipe = Pipeline.load(
-        config["model"],
-        backend=config["backend"],
-        device=config["device"],
-        components=config["components"],
-        revision=config["revision"],
-        progress=progress,
-        keep_resident=config["keep_resident"],
-        **opts,
-    )
-    if config["keep_resident"]:  # load the three stages now, not in the first client's request
-        h, w = pipe.default_size()
-        pipe.generate("warm-up", steps=1, height=h, width=w, **config["generate_options"])
-    return pipe
-
-
-def serve_options(config: dict, replica: str = ""):
-    from .app import ServeOptions
-
-    return ServeOptions(
-        model_name=config["model_name"],
-        limits=Limits(**config["limits"]),
-        batching=config["batching"],
-        replica=replica,
-        keep_images=config["keep_images"],
-        generate_options=config["generate_options"],
-    )
-
-
-def missing_extra(extra: str, e: ImportError) -> UserError:
-    return UserError(f"{e.name or e} is not installed: `pip install 'auraflow-edge[{extra}]'`")
 
 
 def run(args) -> int:

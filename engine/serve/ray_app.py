@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from ..errors import UserError
-from .launch import load_pipeline, missing_extra, serve_options
+from .config import load_pipeline, missing_extra, serve_options
 from .requests import Limits
 
 try:
@@ -184,7 +184,7 @@ def build_app(args: dict):
     ``batching``, ``keep_images``, ``vram_budget``, ``vae_tiles``, ``gpus_per_replica`` (default 0;
     1 puts each replica on its own GPU) and every limit of
     ``Limits`` (``max_images``, ``max_side``, ...)."""
-    from .launch import default_model_name
+    from .config import default_model_name
 
     args = dict(args)
     if "model" not in args:

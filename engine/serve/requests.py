@@ -100,14 +100,12 @@ def check_shape(pipe, limits: Limits, height: int, width: int, param: str) -> No
                 param,
                 code="too_large",
             )
-    from ..model_config import check_latent_size
-    from ..pipeline import check_size
+    from ..model.config import check_latent_size, check_size
 
     try:
         check_size(height, width)
         check_latent_size(pipe.cfg, height // 8, width // 8)
-        if hasattr(pipe.stages, "check_shape"):
-            pipe.stages.check_shape(height, width)
+        pipe.stages.check_shape(height, width)
     except UserError as e:
         raise BadRequest(str(e), param, code="invalid_size") from None
 
