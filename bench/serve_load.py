@@ -4,8 +4,8 @@ batching (the same server with --no-batching), with the stages resident and with
 
     python bench/serve_load.py --json bench/results/cpu_serve_load.json
 
-Each client sends its requests one after another (OpenAI Images API, b64_json, a different seed
-each); a warm-up round per server runs first and is not counted. The machine's load average is
+Each client sends its requests one after another (OpenAI Images API, b64_json, a different prompt
+and seed each); a warm-up round per server runs first and is not counted. The machine's load average is
 recorded before and after, since these CPUs may be shared.
 """
 
@@ -74,7 +74,11 @@ def load(url: str, clients: int, per_client: int, body: dict, seed0: int) -> dic
         with httpx.Client(timeout=600) as h:
             for k in range(per_client):
                 t0 = time.perf_counter()
-                r = h.post(f"{url}/v1/images/generations", json=body | {"seed": seed0 + c * 1000 + k})
+                seed = seed0 + c * 1000 + k  # a prompt of its own too: no text encoding is shared
+                r = h.post(
+                    f"{url}/v1/images/generations",
+                    json=body | {"seed": seed, "prompt": f"{body['prompt']} {seed}"},
+                )
                 dt = time.perf_counter() - t0
                 with lock:
                     (lat if r.status_code == 200 else errors).append(

@@ -336,6 +336,24 @@ def test_disconnected_client_gives_its_place_up_and_full_queue_is_503(served):
     assert "gone" not in [p for call in pipe.calls for p in call[0]]
 
 
+def test_running_batch_stops_when_its_client_leaves(served):
+    url, pipe, server = served
+    out, abandoned = {}, server.metrics.abandoned.value()
+    pipe.gate.clear()
+    pipe.calls.clear()
+    try:
+        body = {"prompt": "nobody waits", "size": "64x64", "steps": 20, "seed": 1}
+        t = _post_async(f"{url}/v1/images/generations", body, out, "left", 0.5)
+        _wait(lambda: len(pipe.calls) == 1)  # taken by the worker, held at the gate
+        t.join()
+        assert isinstance(out["left"], httpx.TimeoutException)
+        time.sleep(0.3)  # the server notices the disconnect
+    finally:
+        pipe.gate.set()
+    _wait(lambda: server.metrics.abandoned.value() == abandoned + 1)  # stopped at its first step
+    assert server.batcher.progress().running is False
+
+
 def test_memory_steady_over_50_requests(served):
     from auraflow_edge.engine.runtime.stages import current_rss
 

@@ -147,3 +147,26 @@ def test_killed_replica_is_replaced_and_the_other_requests_succeed(ray_server, p
     for i, r in enumerate(out):
         check_image(r, pipe, f"after {i}", 90 + i)
     assert victim not in {r.headers["x-auraflow-replica"] for r in out}
+
+
+def test_application_builder_for_serve_run(tiny_dir, tmp_path, monkeypatch):
+    """`serve run auraflow_edge.engine.serve.ray_app:build_app key=value ...`: the arguments Ray
+    hands the builder (strings) become the deployment's options and the replicas' config."""
+    pytest.importorskip("ray.serve", reason="the ray extra is not installed")
+    from auraflow_edge.engine.errors import UserError
+    from auraflow_edge.engine.serve.ray_app import build_app
+
+    monkeypatch.chdir(tiny_dir.parent)
+    app = build_app(
+        {"model": tiny_dir.name, "replicas": "3", "device": "cpu", "max_steps": "20", "batching": "off"}
+    )
+    d = app._bound_deployment
+    config = d.init_args[0]
+    assert d.num_replicas == 3 and d.ray_actor_options["num_gpus"] == 0
+    assert config["model"] == str(tiny_dir.resolve())  # relative paths made absolute for the replicas
+    assert config["limits"]["max_steps"] == 20 and config["limits"]["max_images"] == 8
+    assert config["batching"] is False and config["keep_resident"] is True
+    with pytest.raises(UserError, match="unknown argument"):
+        build_app({"model": str(tiny_dir), "replica": "2"})
+    with pytest.raises(UserError, match="model="):
+        build_app({"replicas": "2"})
