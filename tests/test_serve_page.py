@@ -44,7 +44,7 @@ def server(tiny_dir, tmp_path_factory):
         wait_healthy(url, 180, proc)
         yield url
     finally:
-        proc.send_signal(signal.SIGINT)  # uvicorn shuts down on Ctrl-C
+        proc.send_signal(signal.SIGTERM)  # uvicorn shuts down cleanly on SIGTERM
         try:
             out, _ = proc.communicate(timeout=30)
         except subprocess.TimeoutExpired:

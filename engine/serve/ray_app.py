@@ -21,17 +21,21 @@ from ..errors import UserError
 from .config import load_pipeline, missing_extra, serve_options
 from .requests import Limits
 
-try:
-    from ray import serve
-except ImportError as e:  # the CLI reports it as one line (run_on_ray)
-    serve, _ray_import_error = None, e
-else:
-    _ray_import_error = None
-
 APP_NAME = "auraflow"
 
 
+def _serve():
+    """Ray Serve, imported when first needed (run_on_ray sets Ray's environment before that)."""
+    try:
+        from ray import serve
+    except ImportError as e:
+        raise missing_extra("ray", e) from None
+    return serve
+
+
 def _deployment_class():
+    serve = _serve()
+
     @serve.deployment(name="AuraFlowEdge")
     @serve.ingress()
     class AuraFlowEdge:
@@ -78,8 +82,6 @@ class SharedImages:
 
 def application(config: dict, replicas: int, gpus_per_replica: float = 0):
     """The bound Ray Serve application for ``serve.run``."""
-    if serve is None:
-        raise missing_extra("ray", _ray_import_error)
     if replicas < 1:
         raise UserError(f"--replicas must be >= 1, got {replicas}")
     actor = {"num_cpus": 1, "num_gpus": gpus_per_replica}
@@ -129,12 +131,14 @@ def run_on_ray(
     config: dict, replicas: int, address: str | None, host: str, port: int, quiet: bool = False
 ) -> int:
     """Start (or join) a Ray cluster, deploy ``replicas`` replicas, serve until interrupted."""
-    try:
-        import ray
-    except ImportError as e:
-        raise missing_extra("ray", e) from None
-    if serve is None:
-        raise missing_extra("ray", _ray_import_error)
+    if not address and host in ("127.0.0.1", "localhost"):
+        # A cluster for this machine alone: Ray's single-machine mode takes 127.0.0.1 as the node
+        # address (its _node_ip_address turns loopback into the machine's own address). Read when
+        # ray is first imported, so set before that.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    serve = _serve()
+    import ray
+
     config = _absolute_paths(config)
     # Workers get the driver's working folder on sys.path; from a source checkout that would put
     # the repo's `kernels/` folder in front of Hugging Face's `kernels` package. An empty working
@@ -144,8 +148,7 @@ def run_on_ray(
     if address:
         ray.init(address=address, **init)
     else:
-        local = host in ("127.0.0.1", "localhost")
-        ray.init(include_dashboard=False, **({"_node_ip_address": "127.0.0.1"} if local else {}), **init)
+        ray.init(include_dashboard=False, **init)
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops it as Ctrl-C does: Serve shut down cleanly
     try:
         serve.start(http_options={"host": host, "port": port})
