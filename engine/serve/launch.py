@@ -19,7 +19,12 @@ def add_arguments(p) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="TCP port")
     p.add_argument("--model-name", help="the id clients see in /v1/models (default: the model's folder name)")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime", "tensorrt"])
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "torch", "onnxruntime", "tensorrt"],
+        help="auto: the engine folder's own backend, torch for a checkpoint",
+    )
     p.add_argument(
         "--precision", default="auto", help="torch backend: auto | fp32 | bf16 | fp16 | int8 | fp8 | int4"
     )
