@@ -146,7 +146,14 @@ def run_on_ray(
     workdir = tempfile.mkdtemp(prefix="auraflow-serve-ray-")
     init = {"runtime_env": {"working_dir": workdir}, "logging_level": "WARNING", "log_to_driver": not quiet}
     if address:
-        ray.init(address=address, **init)
+        try:
+            ray.init(address=address, **init)
+        except ConnectionError as e:
+            raise UserError(
+                f"cannot join the Ray cluster at {address} ({e}); a cluster started by `ray start` "
+                "uses token authentication: join it with RAY_AUTH_MODE=token and its token "
+                "(~/.ray/auth_token or RAY_AUTH_TOKEN)"
+            ) from None
     else:
         ray.init(include_dashboard=False, **init)
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops it as Ctrl-C does: Serve shut down cleanly
