@@ -217,6 +217,12 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from ..serve.launch import run
+
+    return run(args)
+
+
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
     """Help with each option's default, where it has a real one."""
 
@@ -303,6 +309,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--dir", help="where to write the model and image (default: a new temp folder)")
     d.add_argument("--steps", type=int, default=4, help="sampling steps")
     d.set_defaults(fn=cmd_demo)
+
+    sv = sub.add_parser(
+        "serve",
+        help="keep the model loaded behind the OpenAI Images and A1111 APIs and a web page (optionally on Ray)",
+        parents=[common],
+    )
+    from ..serve.launch import add_arguments
+
+    add_arguments(sv)
+    sv.set_defaults(fn=cmd_serve)
 
     from . import export as cli_export
 

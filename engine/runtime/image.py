@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
@@ -23,18 +24,25 @@ def to_pil(image: np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(image), mode="RGB")
 
 
+def png_bytes(image: Image.Image, parameters: dict | None = None) -> bytes:
+    """The PNG file ``save_png`` writes, as bytes (the server sends these)."""
+    info = PngImagePlugin.PngInfo()
+    if parameters:
+        info.add_text("parameters", json.dumps(parameters, sort_keys=True))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
 def save_png(image: Image.Image, path: str | Path, parameters: dict | None = None) -> Path:
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise UserError(f"{path}: output must be a .png file")
     if not path.parent.exists():
         raise UserError(f"{path.parent}: output folder does not exist")
-    info = PngImagePlugin.PngInfo()
-    if parameters:
-        info.add_text("parameters", json.dumps(parameters, sort_keys=True))
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        image.save(tmp, format="PNG", pnginfo=info)
+        tmp.write_bytes(png_bytes(image, parameters))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -169,14 +169,24 @@ class Pipeline:
         vae_tiles: int | None = None,
         num_images: int = 1,
         announce: Callable[[str], None] | None = None,
+        seeds: list[int] | None = None,
     ) -> list[Result]:
         """``num_images`` per prompt, seeds ``seed, seed + 1, ...`` in order. Each stage runs for
         every image before the next loads: the text encoder once for all prompts, the transformer
         over all latents, then the VAE. ``announce(line)``: told the backend, precision and device
-        (and why, where they were "auto") once the arguments are checked, before any stage loads."""
+        (and why, where they were "auto") once the arguments are checked, before any stage loads.
+        ``seeds``: one seed per image instead of ``seed + i`` (the server batches requests of
+        different seeds into one call)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         check_jobs(prompts, num_images, noise is not None)
         jobs = [p for p in prompts for _ in range(num_images)]
+        if seeds is None:
+            seeds = [seed + i for i in range(len(jobs))]
+        elif len(seeds) != len(jobs) or noise is not None:
+            raise UserError(
+                f"{len(seeds)} seeds for {len(jobs)} images"
+                + (" and a noise array" if noise is not None else "")
+            )
         dh, dw = self.default_size()
         height, width = height or dh, width or dw
         check_size(height, width)
@@ -187,7 +197,7 @@ class Pipeline:
         if not math.isfinite(guidance):
             raise UserError(f"guidance must be a finite number, got {guidance}")
         if noise is None:
-            latents = [initial_noise(seed + i, height, width) for i in range(len(jobs))]
+            latents = [initial_noise(s, height, width) for s in seeds]
         elif isinstance(noise, (str, Path)):
             latents = [load_noise(noise, height, width)]
         else:
@@ -236,7 +246,7 @@ class Pipeline:
                 "negative_prompt": negative_prompt,
                 "steps": steps,
                 "guidance": guidance,
-                "seed": None if noise is not None else seed + i,
+                "seed": None if noise is not None else seeds[i],
                 "height": height,
                 "width": width,
                 "shift": self.shift,
