@@ -1,6 +1,6 @@
 """Where an ONNX Runtime transformer call spends its time on this CPU, per operator type:
 
-    python -m auraflow_edge.bench.cpu_profile --json bench/results/cpu_profile_int8.json [--precision int8]
+    python -m auraflow_edge.bench.cpu_profile --json bench/results/cpu_op_breakdown_int8.json [--precision int8]
 
 Mid-size random model (hidden 768, 2 joint + 6 single blocks), 512x512, CFG batch 2, 256 text
 tokens: the configuration of the CPU benchmarks. ONNX Runtime's own profiler records every node of
