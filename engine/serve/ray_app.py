@@ -155,7 +155,9 @@ def run_on_ray(
                 "(~/.ray/auth_token or RAY_AUTH_TOKEN)"
             ) from None
     else:
-        ray.init(include_dashboard=False, **init)
+        # "local": always a new cluster of our own; with no address Ray would join the one named in
+        # /tmp/ray/ray_current_cluster, which a killed earlier run leaves behind pointing at nothing
+        ray.init(address="local", include_dashboard=False, **init)
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops it as Ctrl-C does: Serve shut down cleanly
     try:
         serve.start(http_options={"host": host, "port": port})
