@@ -39,7 +39,12 @@ def ray_server(tiny_dir, tmp_path_factory):
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(url, 240, proc)
+        wait_healthy(url, 240, proc)  # one replica is up: under load the second may take longer
+        seen, end = set(), time.monotonic() + 240
+        while len(seen) < 2 and time.monotonic() < end and proc.poll() is None:
+            seen.add(httpx.get(f"{url}/health", timeout=30).headers.get("x-auraflow-replica"))
+            time.sleep(0.2)
+        assert len(seen) == 2, f"only {seen} of 2 replicas answered within 240 s"
         yield url
     finally:
         proc.send_signal(signal.SIGTERM)  # run_on_ray shuts Serve and the local cluster down
