@@ -336,9 +336,9 @@ def train(out: str | Path, cfg: TinyConfig = TinyConfig(), log=print) -> dict:
     """Train everything and write the pipeline folder ``out``; returns the training record."""
     from diffusers import AuraFlowPipeline
 
-    from ..backends.torch_backend import _quiet_libraries
+    from ..backends.torch_backend import quiet_libraries
 
-    _quiet_libraries()
+    quiet_libraries()
     out = Path(out)
     work = out.with_name(out.name + ".partial")
     shutil.rmtree(work, ignore_errors=True)
