@@ -132,3 +132,11 @@ def fake_trt_build(monkeypatch):
     monkeypatch.setattr(onnx_folder, "export_onnx_folder", export)
     monkeypatch.setattr(tensorrt_build, "build_one", build_one)
     return state
+
+
+@pytest.fixture(scope="session")
+def world_dir(tmp_path_factory):
+    """The shipped trained tiny AuraFlow (shapes world) as an fp32 diffusers pipeline folder."""
+    from auraflow_edge.engine.tiny.weights import write_pipeline
+
+    return write_pipeline(tmp_path_factory.mktemp("models") / "tiny-world")

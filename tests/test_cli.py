@@ -22,13 +22,18 @@ def run_cli(*args):
     )
 
 
-def test_demo_writes_an_image(tmp_path):
-    r = run_cli("demo", "--dir", str(tmp_path), "--steps", "2", "--quiet")
+def test_demo_draws_the_world_with_the_trained_model(tmp_path):
+    r = run_cli("demo", "--dir", str(tmp_path), "--quiet")
     assert r.returncode == 0, r.stderr
     assert r.stderr == ""  # --quiet
+    assert f"model: {tmp_path / 'tiny-world'}" in r.stdout
     img = tmp_path / "demo.png"
     assert f"demo image: {img}" in r.stdout
-    assert Image.open(img).size == (128, 128)
+    assert r.stdout.count("grader read: ") == 4
+    assert Image.open(img).size == (4 * 128, 128 + 14)
+    r = run_cli("demo", "--dir", str(tmp_path), "--prompt", "a photo of a cat", "--steps", "2", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "(not a prompt of the world)" in r.stdout and Image.open(img).size == (128, 142)
 
 
 def test_generate_with_noise_file(tiny_dir, tiny_noise, reference_image, tmp_path, capsys):

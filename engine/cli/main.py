@@ -8,6 +8,7 @@ non-zero exit; ``--debug`` shows the traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import warnings
@@ -188,32 +189,33 @@ def cmd_bench(args) -> int:
         quiet=args.quiet,
     )
     print_summary(res)
+    if args.adherence:
+        from ...bench import adherence
+
+        wanted = [p.strip() for p in args.precisions.split(",")]
+        configs = [c for c in adherence.CONFIGS if c[1] == args.backend and c[2] in wanted and not c[3]]
+        res["adherence"] = adherence.measure(
+            res["model"],
+            work / "adherence",
+            configs,
+            held_in=args.adherence,
+            held_out=max(1, args.adherence // 2),
+            log=(lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True)),
+        )
+        print(adherence.table(res["adherence"]))
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
     return 0
 
 
 def cmd_demo(args) -> int:
-    from ..tiny.random_model import make_tiny_pipeline
+    from ..tiny.demo import run
 
     root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="auraflow-edge-demo-"))
-    folder = root / "tiny-auraflow"
-    if not (folder / "model_index.json").exists():
-        _log(args, f"writing a tiny random AuraFlow pipeline to {folder}")
-        make_tiny_pipeline(folder)
-    args.model, args.output = str(folder), str(root / "demo.png")
-    args.prompt, args.negative_prompt = "a photo of a cat sitting on a red sofa", ""
-    args.steps, args.guidance, args.seed = args.steps, 3.5, 0
-    args.height = args.width = 128
-    args.prompts, args.num_images = None, 1
-    args.noise, args.backend, args.precision, args.device, args.components = (
-        None,
-        "torch",
-        "fp32",
-        "cpu",
-        None,
-    )
-    args.vram_budget, args.vae_tiles, args.memory_report = None, None, False
-    cmd_generate(args)
-    print(f"demo image: {args.output}")
+    if not root.is_dir():
+        raise UserError(f"{root}: folder does not exist")
+    out = run(root, args.prompt, steps=args.steps, guidance=args.guidance, seed=args.seed)
+    print(f"demo image: {out}")
     return 0
 
 
@@ -282,6 +284,13 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--json", help="write the results here")
     bn.add_argument("--plot", help="write a latency / memory / fidelity plot (PNG) here")
     bn.add_argument("--no-baseline", action="store_true", help="skip the diffusers baselines")
+    bn.add_argument(
+        "--adherence",
+        type=int,
+        metavar="N",
+        help="shapes-world model (the folder `demo` writes): also grade N held-in and N/2 held-out "
+        "prompts per precision (64x64, 20 steps)",
+    )
     bn.set_defaults(fn=cmd_bench)
 
     pl = sub.add_parser(
@@ -304,10 +313,20 @@ def build_parser() -> argparse.ArgumentParser:
     pl.set_defaults(fn=cmd_plan)
 
     d = sub.add_parser(
-        "demo", help="make a tiny random model locally and generate with it (CPU)", parents=[common]
+        "demo",
+        help="draw prompts of the shapes world with the shipped trained tiny AuraFlow (CPU)",
+        parents=[common],
     )
-    d.add_argument("--dir", help="where to write the model and image (default: a new temp folder)")
-    d.add_argument("--steps", type=int, default=4, help="sampling steps")
+    d.add_argument("--dir", help="where to write the model and the image (default: a new temp folder)")
+    d.add_argument(
+        "--prompt",
+        action="append",
+        help="draw this instead of the default prompts of the world; repeatable "
+        "(the world: 'a {color} {shape} {where} on a {color} background')",
+    )
+    d.add_argument("--steps", type=int, default=20, help="sampling steps")
+    d.add_argument("--guidance", type=float, default=3.5, help="classifier-free guidance scale")
+    d.add_argument("--seed", type=int, default=0, help="seed of the first image; then +1 each")
     d.set_defaults(fn=cmd_demo)
 
     sv = sub.add_parser(

@@ -1,1 +1,2 @@
-"""Tiny AuraFlow pipelines made locally (nothing downloaded): the demo, the test suite and the benchmarks."""
+"""Tiny AuraFlow models made locally: the random pipelines of the test suite and the benchmarks,
+and the one trained here on a world of shapes (renderer, grader, trainer, shipped weights, demo)."""

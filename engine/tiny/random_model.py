@@ -28,8 +28,9 @@ _CORPUS = [
 ]
 
 
-def build_tokenizer(folder: Path, vocab_size: int = 300) -> None:
-    """A BPE tokenizer saved as LlamaTokenizerFast with AuraFlow's flags (no BOS, EOS added)."""
+def build_tokenizer(folder: Path, vocab_size: int = 300, corpus: list[str] | None = None) -> None:
+    """A BPE tokenizer saved as LlamaTokenizerFast with AuraFlow's flags (no BOS, EOS added),
+    trained on ``corpus`` (default: a few generic captions)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaTokenizerFast
 
@@ -39,7 +40,7 @@ def build_tokenizer(folder: Path, vocab_size: int = 300) -> None:
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=["<pad>", "<unk>", "</s>", "<s>"], show_progress=False
     )
-    tok.train_from_iterator(_CORPUS * 4, trainer)
+    tok.train_from_iterator(_CORPUS * 4 if corpus is None else corpus, trainer)
     fast = LlamaTokenizerFast(
         tokenizer_object=tok,
         bos_token="<s>",
