@@ -78,6 +78,8 @@ def _random_lora(targets: dict, rank: int, seed: int):
 
 
 def main() -> None:
+    """One measurement script: build, time and print per precision and rank in order (a benchmark's
+    linear sequence, kept whole so the printed table and the code read the same)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--precisions", default="fp32,int8,int4")
     ap.add_argument("--ranks", default="16,64")

@@ -156,9 +156,40 @@ def refit_engine(
         return _refit_locked(engine_dir, loras, model, components, quiet, command, batch_bytes)
 
 
-def _refit_locked(engine_dir, loras, model, components, quiet, command, batch_bytes) -> Path:
+def _refitted_manifest(folder: Path, m, merged, entry: dict, command: str, changed: set) -> dict:
+    """The manifest after a refit: the new LoRAs, the build key a build with them would have, and
+    the sizes and checksums of the files that changed; written, and returned."""
     from ..engine.model.lora import fingerprints
-    from .engine_folder import build_key, source_fingerprint
+    from .engine_folder import build_key
+
+    data = dict(m.data)
+    data["loras"], data["lora_targets"] = lora_records(merged.weights), lora_targets(merged.weights)
+    q = m["quantization"]
+    pol = {k: _policy(v) for k, v in q.items()}
+    h, w = entry["shapes"][0]  # the shape the build traced at (build_tensorrt: the first shape set)
+    data["build_key"] = build_key(merged, "tensorrt", m["precision"], pol, h, w)
+    if data.get("tensorrt_build"):  # the folder now is what a build with these LoRAs would reuse
+        from .tensorrt_build import build_options
+
+        opts = dict(data["tensorrt_build"]["options"], loras=[list(f) for f in fingerprints(data["loras"])])
+        opts, key = build_options(**opts)
+        data["tensorrt_build"] = {"key": key, "options": opts}
+    data["refit_command"] = command
+    files = dict(data["files"])
+    root = folder.resolve()
+    for p in changed:
+        rel = str(p.resolve().relative_to(root))
+        files[rel] = file_entry(folder, rel)
+    data["files"] = files
+    write_manifest(folder, data)
+    return data
+
+
+def _refit_locked(engine_dir, loras, model, components, quiet, command, batch_bytes) -> Path:
+    """The refit under the build lock: check the folder, stream the changed initializers to a side
+    file, refit the plan, then change the folder only once everything is computed. Kept as one
+    function so that the order of the irreversible steps (the in-place writes) is visible at once."""
+    from .engine_folder import source_fingerprint
     from .tensorrt_build import gpu_identity, require_tensorrt
 
     folder = Path(engine_dir)
@@ -254,26 +285,8 @@ def _refit_locked(engine_dir, loras, model, components, quiet, command, batch_by
         for p in (side, tmp_plan, tmp_mod):
             if p is not None and p.exists():
                 p.unlink()
-    data = dict(m.data)
-    data["loras"], data["lora_targets"] = lora_records(merged.weights), lora_targets(merged.weights)
-    q = m["quantization"]
-    pol = {k: _policy(v) for k, v in q.items()}
-    h, w = entry["shapes"][0]  # the shape the build traced at (build_tensorrt: the first shape set)
-    data["build_key"] = build_key(merged, "tensorrt", m["precision"], pol, h, w)
-    if data.get("tensorrt_build"):  # the folder now is what a build with these LoRAs would reuse
-        from .tensorrt_build import build_options
-
-        opts = dict(data["tensorrt_build"]["options"], loras=[list(f) for f in fingerprints(data["loras"])])
-        opts, key = build_options(**opts)
-        data["tensorrt_build"] = {"key": key, "options": opts}
-    data["refit_command"] = command
-    files = dict(data["files"])
-    root = folder.resolve()
-    for p in {where[n][2] for n in written} | {plan_path} | ({mod} if tmp_mod is not None else set()):
-        rel = str(p.resolve().relative_to(root))
-        files[rel] = file_entry(folder, rel)
-    data["files"] = files
-    write_manifest(folder, data)
+    changed = {where[n][2] for n in written} | {plan_path} | ({mod} if tmp_mod is not None else set())
+    data = _refitted_manifest(folder, m, merged, entry, command, changed)
     if not quiet:
         print(
             f"{folder}: refit {key} with {len(data['loras'])} LoRA(s), {len(names)} weights changed",

@@ -44,6 +44,9 @@ class Variant(NamedTuple):
 
 
 def variants() -> list[Variant]:
+    """Every kernel variant compiled ahead of time, with its signature and launch constants. Long
+    because it is a table (one entry per kernel, dtype and shape class), not logic; split by kernel
+    it would scatter the one list the C header and kernels.json are generated from."""
     from auraflow_edge.kernels import attention as A
     from auraflow_edge.kernels import gemm as G
     from auraflow_edge.kernels import norm_modulate as N

@@ -244,6 +244,8 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every subcommand and option with its help text: declarations, not logic, kept in one place
+    so `--help` and this file read the same."""
     ap = argparse.ArgumentParser(
         prog="auraflow-edge", description="Quantized low-memory AuraFlow inference", formatter_class=_Help
     )
