@@ -21,7 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from auraflow_edge.bench.int8_encodings import SIDE, transformer_inputs
-from auraflow_edge.engine.backends.ort_int8 import describe_cpu, int8_encoding
+from auraflow_edge.engine.backends.cpu import describe_cpu
+from auraflow_edge.engine.backends.ort_backend import session_options
+from auraflow_edge.engine.backends.ort_int8 import int8_encoding
 from auraflow_edge.engine.runtime.manifest import Manifest
 from auraflow_edge.engine.tiny.random_model import make_tiny_pipeline
 
@@ -83,12 +85,7 @@ def profile(path: Path, feed: dict, runs: int, threads: int | None) -> dict:
     import onnxruntime as ort
 
     with tempfile.TemporaryDirectory(prefix="afe-profile-") as tmp:
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        so.enable_cpu_mem_arena = False
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        if threads:
-            so.intra_op_num_threads = threads
+        so = session_options(threads)  # as the runtime creates its sessions
         so.enable_profiling = True
         so.profile_file_prefix = os.path.join(tmp, "ort")
         sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
@@ -123,6 +120,7 @@ def main() -> None:
         height=SIDE,
         width=SIDE,
         quiet=True,
+        force=True,  # the model above is written anew: its fingerprint changes every run
     )
     m = Manifest.load(eng)
     load_before = os.getloadavg()[0]

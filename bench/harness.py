@@ -291,7 +291,8 @@ def _run_baselines(model, workdir: Path, base: dict, say) -> dict:
 def _machine() -> str:
     import os
 
-    from auraflow_edge.engine.backends.ort_int8 import describe_cpu, int8_encoding
+    from auraflow_edge.engine.backends.cpu import describe_cpu
+    from auraflow_edge.engine.backends.ort_int8 import int8_encoding
 
     return f"{describe_cpu()}, {os.cpu_count()} cores; ONNX Runtime int8 weights: {int8_encoding()}"
 

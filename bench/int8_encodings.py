@@ -24,8 +24,9 @@ import onnx
 from onnx import numpy_helper
 
 from auraflow_edge.bench.mlas_emulator import emulate_matmul, encode_for
+from auraflow_edge.engine.backends.cpu import describe_cpu
 from auraflow_edge.engine.backends.ort_backend import _session
-from auraflow_edge.engine.backends.ort_int8 import describe_cpu, int8_encoding
+from auraflow_edge.engine.backends.ort_int8 import int8_encoding
 from auraflow_edge.engine.model.config import AuraFlowConfig
 from auraflow_edge.engine.runtime.manifest import Manifest
 from auraflow_edge.engine.runtime.modulation import ModulationTable

@@ -34,9 +34,11 @@ CPU_CLASSES = (
 )
 
 
-def quantize_activations(a: np.ndarray) -> tuple[np.ndarray, float, int]:
-    """DynamicQuantizeMatMul's activation quantization: uint8, per tensor, range including 0."""
-    lo, hi = min(float(a.min()), 0.0), max(float(a.max()), 0.0)
+def quantize_activations(a: np.ndarray, act_range=None) -> tuple[np.ndarray, float, int]:
+    """DynamicQuantizeMatMul's activation quantization: uint8, per tensor, range including 0.
+    ``act_range``: (min, max) of the whole tensor when ``a`` is a slice of it (batched products)."""
+    lo, hi = act_range or (float(a.min()), float(a.max()))
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
     scale = (hi - lo) / 255.0 if hi > lo else 1.0
     zp = int(np.clip(np.rint(-lo / scale), 0, 255))
     q = np.clip(np.rint(a / np.float32(scale)) + zp, 0, 255).astype(np.int32)
@@ -44,13 +46,20 @@ def quantize_activations(a: np.ndarray) -> tuple[np.ndarray, float, int]:
 
 
 def emulate_matmul(
-    a: np.ndarray, b: np.ndarray, b_zp: int, b_scale: np.ndarray, saturating: bool, rows: int = 64
+    a: np.ndarray,
+    b: np.ndarray,
+    b_zp: int,
+    b_scale: np.ndarray,
+    saturating: bool,
+    rows: int = 64,
+    act_range=None,
 ) -> tuple[np.ndarray, int]:
     """One DynamicQuantizeMatMul in integers as MLAS does it: ``a`` float (M, K), ``b`` the stored
     weight bytes as int (K, N) (int8 values, or uint8 with ``b_zp``). With ``saturating`` the
     kernel's inner products are summed in int16 pairs along K with saturation (vpmaddubsw), the zero
-    points corrected afterwards from row and column sums. -> (float32 output, saturated pairs)."""
-    qa, sa, za = quantize_activations(a)
+    points corrected afterwards from row and column sums. ``act_range``: see quantize_activations.
+    -> (float32 output, saturated pairs)."""
+    qa, sa, za = quantize_activations(a, act_range)
     m, k = qa.shape
     if k % 2:
         qa, b = np.pad(qa, ((0, 0), (0, 1))), np.pad(b, ((0, 1), (0, 0)))

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from auraflow_edge.engine.backends.cpu import describe_cpu
 from auraflow_edge.engine.backends.ort_backend import _session
-from auraflow_edge.engine.backends.ort_int8 import describe_cpu
 from auraflow_edge.engine.model.checkpoint import open_model
 from auraflow_edge.engine.model.config import AuraFlowConfig
 from auraflow_edge.engine.runtime.manifest import Manifest

@@ -51,7 +51,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, required=True)
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
-    from auraflow_edge.engine.backends.ort_int8 import describe_cpu
+    from auraflow_edge.engine.backends.cpu import describe_cpu
     from auraflow_edge.engine.model.config import AURAFLOW_V03
     from auraflow_edge.engine.tiny.random_model import make_tiny_pipeline, write_random_transformer
     from auraflow_edge.export.build import build_engine

@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from ..engine.backends.ort_int8 import ATTN_K_ZP
 from ..engine.model import quant as qz
 from ..engine.model.spec import NUMPY_DTYPES
 
@@ -60,6 +61,9 @@ class WeightPolicy:
     # with SmoothQuant smoothing strength ``smooth_alpha``; emitted as Q/DQ pairs (TensorRT form)
     act_quant: str | None = None
     smooth_alpha: float = 0.5
+    # ONNX Runtime int8: attention logits Q K^T as DynamicQuantizeMatMul (Q uint8 per tensor, K int8
+    # per tensor, int32 accumulate; VNNI/AMX on x86): 3.4x faster than the fp32 MatMul on an AMX Xeon
+    int8_attention: bool = False
 
     def format_for(self, name: str, shape: tuple[int, ...]) -> str:
         if self.fmt == "float" or any(k in name for k in self.keep):
@@ -226,9 +230,61 @@ def stream_weights(
         nodes.append(replace_node.get(id(n), n))
     del g.node[:]
     g.node.extend(new_nodes + nodes)
+    if policy.int8_attention:
+        uses_ms |= int8_attention_logits(g) > 0
     if uses_ms and not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return stats
+
+
+def int8_attention_logits(g: onnx.GraphProto) -> int:
+    """Every ``Softmax(MatMul(Q, K^T))`` (attention logits, the scale already inside Q and K) becomes
+    ``DynamicQuantizeMatMul(Q, QuantizeLinear(K^T, s_k, zp), s_k, zp)``: Q quantized to uint8 per
+    tensor by the operator, K^T to int8 with one symmetric scale ``s_k = max|K| / 127`` computed in
+    the graph. All heads and both CFG halves share the scales (qk-LayerNorm keeps their ranges alike).
+
+    The zero point is one shared initializer (int8 0): on CPUs where MLAS multiplies u8 x s8 with
+    saturating int16 pair sums, the runtime swaps it for uint8 128 (ort_int8.reencode_u8), which
+    gives the same integers through the exact u8 x u8 kernel. Returns how many were rewritten.
+    """
+    producers = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    replace: dict[int, list[onnx.NodeProto]] = {}
+    for sm in g.node:
+        mm = producers.get(sm.input[0]) if sm.op_type == "Softmax" else None
+        if mm is None or mm.op_type != "MatMul" or len(consumers.get(mm.output[0], [])) != 1:
+            continue
+        q, kt = mm.input
+        p = f"{mm.name or mm.output[0]}_i8"
+        replace[id(mm)] = [
+            helper.make_node("Abs", [kt], [p + "_abs"]),
+            helper.make_node("ReduceMax", [p + "_abs"], [p + "_max"], keepdims=0),
+            helper.make_node("Max", [p + "_max", "attn_tiny"], [p + "_max1"]),
+            helper.make_node("Div", [p + "_max1", "attn_127"], [p + "_scale"]),
+            helper.make_node("QuantizeLinear", [kt, p + "_scale", ATTN_K_ZP], [p + "_k"]),
+            helper.make_node(
+                "DynamicQuantizeMatMul",
+                [q, p + "_k", p + "_scale", ATTN_K_ZP],
+                list(mm.output),
+                domain="com.microsoft",
+            ),
+        ]
+    if not replace:
+        return 0
+    g.initializer.extend(
+        [
+            onnx.numpy_helper.from_array(np.array(1e-30, np.float32), "attn_tiny"),
+            onnx.numpy_helper.from_array(np.array(127.0, np.float32), "attn_127"),
+            onnx.numpy_helper.from_array(np.array(0, np.int8), ATTN_K_ZP),
+        ]
+    )
+    nodes = [x for n in g.node for x in replace.get(id(n), [n])]
+    del g.node[:]
+    g.node.extend(nodes)
+    return len(replace)
 
 
 def _linear_weights(g: onnx.GraphProto, params) -> dict:

@@ -52,7 +52,15 @@ def policies(
         te = WeightPolicy("float", "fp32" if ort else precision)
     else:
         act = "fp32" if ort else "fp16"
-        tr = WeightPolicy(precision, act, int4_block, ort_native=ort, keep=KEEP_FLOAT, ort_int8=ort_int8)
+        tr = WeightPolicy(
+            precision,
+            act,
+            int4_block,
+            ort_native=ort,
+            keep=KEEP_FLOAT,
+            ort_int8=ort_int8,
+            int8_attention=ort and precision == "int8" and ort_int8 == "dynamic",
+        )
         # UMT5 overflows in fp16 activations; its weights still quantize (1.2 B parameters).
         te = WeightPolicy(precision, "fp32", int4_block, ort_native=ort, ort_int8=ort_int8)
     return {"transformer": tr, "text_encoder": te, "vae_decoder": WeightPolicy("float", "fp32")}
@@ -91,7 +99,11 @@ def export_onnx_folder(
             )
         stats, calib = _calibrate(mf, tmp, prog, min(512, height, width), calibration_prompts, act_quant)
         pol["transformer"] = replace(
-            pol["transformer"], ort_native=False, act_quant=act_quant, smooth_alpha=smooth_alpha
+            pol["transformer"],
+            ort_native=False,
+            act_quant=act_quant,
+            smooth_alpha=smooth_alpha,
+            int8_attention=False,
         )
         calib["smooth_alpha"] = smooth_alpha
     comps = export_transformer(mf, tmp, pol["transformer"], height, width, prog, attention_plugin, stats)

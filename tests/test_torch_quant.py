@@ -95,10 +95,18 @@ def test_torch_and_numpy_quantizers_agree(fmt):
         np.testing.assert_array_equal(tq.float().numpy(), nq.astype(np.float32))
 
 
-def test_quantized_torch_on_the_cpu_points_to_the_onnx_runtime_engine(tiny_dir):
+def test_quantized_torch_on_the_cpu_points_to_the_onnx_runtime_engine(tiny_dir, monkeypatch):
+    from auraflow_edge.engine.backends import cpu
+
     lines = []
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_vnni"})
     fp32 = Pipeline.load(tiny_dir, precision="fp32", device="cpu")
     assert "hint" not in fp32.info
+    # where torch multiplies bf16 natively, fp32 users hear of bf16
+    for flags in ({"avx512f", "amx_bf16", "amx_tile"}, {"avx512f", "avx512_bf16"}):
+        monkeypatch.setattr(cpu, "cpu_flags", lambda flags=flags: flags)
+        assert "--precision bf16" in Pipeline.load(tiny_dir, precision="fp32", device="cpu").info["hint"]
+    assert not cpu.native_bf16({"avx2", "fma"}) and not cpu.native_bf16(set())
     pipe = Pipeline.load(tiny_dir, precision="int8", device="cpu")
     (res,) = pipe.generate_many(["a cat"], steps=1, height=64, width=64, announce=lines.append)
     assert any(line.startswith("hint: int8 on the torch backend is slow on the CPU") for line in lines)

@@ -28,28 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .cpu import cpu_flags
+
 ENCODINGS = ("auto", "s8", "u8")
+ATTN_K_ZP = "attn_k_zero_point"  # the export names it so (export/onnx_export.py)
 _X86 = {"x86_64", "amd64", "i386", "i686", "x86"}
-
-
-def cpu_flags() -> set[str] | None:
-    """Lower-case CPUID feature names of this machine (Linux /proc/cpuinfo, else numpy's view);
-    None when neither says."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    try:
-        from numpy._core._multiarray_umath import __cpu_features__ as feats
-    except ImportError:  # numpy < 2
-        try:
-            from numpy.core._multiarray_umath import __cpu_features__ as feats
-        except ImportError:
-            return None
-    names = {"AVX2": "avx2", "AVX512BW": "avx512bw", "AVX512VNNI": "avx512_vnni"}
-    return {v for k, v in names.items() if feats.get(k)}
 
 
 def int8_encoding(machine: str | None = None, flags: set[str] | None = None) -> str:
@@ -70,34 +53,16 @@ def int8_encoding(machine: str | None = None, flags: set[str] | None = None) -> 
     return "s8" if "avx_vnni" in flags else "u8"
 
 
-def describe_cpu() -> str:
-    """CPU model and the flags the int8 path depends on, for benchmark records."""
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    flags = cpu_flags() or set()
-    isa = [
-        f
-        for f in ("avx2", "avx512bw", "avx_vnni", "avx512_vnni", "amx_int8", "asimddp", "i8mm")
-        if f in flags
-    ]
-    return f"{model} ({', '.join(isa) or 'no SIMD int8 flags read'})"
-
-
 # ----------------------------------------------------------------------------------------------
 # load time: s8 weights of DynamicQuantizeMatMul nodes -> u8 with zero point 128
 
 
 def reencode_u8(onnx_path: Path) -> tuple[bytes, dict[str, np.ndarray]] | None:
-    """The graph with every int8 DynamicQuantizeMatMul weight re-encoded as uint8 + zero point 128.
+    """The graph with every int8 DynamicQuantizeMatMul weight re-encoded as uint8 + zero point 128,
+    and the int8 attention logits' K quantized against uint8 128 instead of int8 0.
 
     Returns (graph bytes, {initializer name: uint8 array}) to create the session from, or None when
-    the graph has no such weight. The arrays are read from the external data once; they replace the
+    the graph has neither. The arrays are read from the external data once; they replace the
     declared initializers (``SessionOptions.add_initializer``) and must outlive the session.
     """
     import onnx
@@ -129,7 +94,12 @@ def reencode_u8(onnx_path: Path) -> tuple[bytes, dict[str, np.ndarray]] | None:
         inputs[1], inputs[3] = name, t.name + "__zp128"
         del n.input[:]
         n.input.extend(inputs)
-    if not arrays:
+    # int8 attention logits (export/onnx_export.int8_attention_logits): K is quantized in the graph
+    # against one shared int8 zero point; uint8 128 there makes the same integers, u8 x u8
+    zp = next((t for t in g.initializer if t.name == ATTN_K_ZP), None)
+    if zp is not None:
+        zp.CopyFrom(numpy_helper.from_array(np.array(128, np.uint8), ATTN_K_ZP))
+    if not arrays and zp is None:
         return None
     used = {i for n in g.node for i in n.input}
     keep = [t for t in g.initializer if t.name in used]

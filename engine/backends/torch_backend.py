@@ -302,6 +302,8 @@ class TorchStages(StageSet):
         return self.mf.default_size()
 
     def describe(self) -> dict:
+        from .cpu import native_bf16
+
         d = {"backend": "torch", "precision": self.precision, "device": self.device_name}
         if self.auto_reason:
             d["auto"] = self.auto_reason
@@ -311,6 +313,9 @@ class TorchStages(StageSet):
                 f"hint: {self.precision} on the torch backend is slow on the CPU; an ONNX Runtime engine "
                 f"runs 8-bit matmuls natively: auraflow-edge build MODEL -o ENGINE --precision {self.precision}"
             )
+        elif self.device.type == "cpu" and self.precision == "fp32" and native_bf16():
+            # mid-size model, 512x512, AMX Xeon: 0.59 vs 1.86 s/step, image 46.7 dB from fp32's
+            d["hint"] = "hint: this CPU multiplies bf16 natively: --precision bf16 is about 3x faster"
         return d | ({"loras": self.loras.records()} if self.loras else {})
 
     def sizes(self):
