@@ -119,6 +119,24 @@ def measure(
     }
 
 
+def random_transformer(model: str | Path, out: Path, seed: int = 0) -> Path:
+    """The trained pipeline with its transformer replaced by a freshly initialised one of the same
+    configuration (diffusers' own initialisation, seeded): the same graph, random weights."""
+    import shutil
+
+    import torch
+    from diffusers import AuraFlowTransformer2DModel
+
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(model, out)
+    config = AuraFlowTransformer2DModel.load_config(Path(model) / "transformer")
+    torch.manual_seed(seed)
+    fresh = AuraFlowTransformer2DModel.from_config(config)
+    shutil.rmtree(out / "transformer")
+    fresh.save_pretrained(out / "transformer", safe_serialization=True)
+    return out
+
+
 def _line(name: str, r: dict) -> str:
     if "error" in r:
         return f"{name:<24} error: {r['error']}"
@@ -143,6 +161,12 @@ def main() -> int:
         "--configs", help="comma-separated subset of the names, e.g. 'torch fp32,onnxruntime int8'"
     )
     ap.add_argument("--workdir", help="engines and images (default: a new temp folder)")
+    ap.add_argument(
+        "--random",
+        type=int,
+        default=60,
+        help="also the image PSNR per configuration with the transformer's weights random, on this many prompts (0: skip)",
+    )
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="tiny-adherence-"))
     model = write_pipeline(work / "tiny-world")
@@ -162,6 +186,28 @@ def main() -> int:
     )
     res["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     print(table(res))
+    if args.random:
+        # does random-weights error (every earlier fidelity number) under- or over-state trained error?
+        rnd = random_transformer(model, work / "tiny-world-random")
+        r = measure(
+            rnd,
+            work / "random",
+            configs,
+            args.random,
+            0,
+            args.steps,
+            args.guidance,
+            log=lambda m: print(m, file=sys.stderr, flush=True),
+        )
+        res["random_transformer_psnr_db"] = {
+            n: row.get("psnr_db", row.get("error")) for n, row in r["rows"].items()
+        }
+        res["random_transformer_prompts"] = args.random
+        print("image PSNR vs " + configs[0][0] + ", trained / random transformer weights:")
+        for n, row in res["rows"].items():
+            rv = res["random_transformer_psnr_db"][n]
+            rv = f"{rv:6.1f}" if isinstance(rv, float) else rv
+            print(f"  {n:<24} {row.get('psnr_db', float('nan')):6.1f} {rv}")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
     return 0

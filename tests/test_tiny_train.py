@@ -7,7 +7,7 @@ from diffusers.models.attention_processor import AuraFlowAttnProcessor2_0
 
 from auraflow_edge.engine.tiny import train as T
 
-CFG = T.TinyConfig(single=1, joint=1, data=64, vae_steps=15, vae_batch=8, steps=40, batch=16)
+CFG = T.TinyConfig(single=1, joint=1, data=64, vae_steps=15, decoder_steps=10, vae_batch=8, steps=40, batch=16)
 
 
 @pytest.fixture(scope="module")
@@ -69,3 +69,24 @@ def test_a_few_steps_lower_both_losses_and_write_a_diffusers_folder(tmp_path):
         output_type="np",
     ).images
     assert img.shape == (1, 64, 64, 3) and np.isfinite(img).all()
+
+
+def test_two_processes_train_the_same_weights_as_one(tmp_path):
+    """With two threads the VAE trains in a spawned process beside the transformer (one thread
+    each): the weights are those of the one-process run, bit for bit."""
+    from safetensors.numpy import load_file
+
+    torch.set_num_threads(1)
+    T.train(tmp_path / "one", CFG, log=lambda m: None)
+    torch.set_num_threads(2)
+    try:
+        rec = T.train(tmp_path / "two", CFG, log=lambda m: None)
+    finally:
+        torch.set_num_threads(1)
+    assert rec["processes"] == 2 and rec["vae_loss"]["last"] < rec["vae_loss"]["first"]
+    for comp in ("vae", "transformer", "text_encoder"):
+        (f1,) = (tmp_path / "one" / comp).glob("*.safetensors")
+        a, b = load_file(f1), load_file(tmp_path / "two" / comp / f1.name)
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=f"{comp}/{k}")

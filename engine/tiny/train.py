@@ -2,14 +2,16 @@
 
     python -P -m auraflow_edge.engine.tiny.train --out DIR [--pack engine/tiny/weights]
 
-Three phases: the VAE (an ``AutoencoderKL``, 4 latent channels, 8x down) on rendered images, its
-decoder from a designed latent (block colors and vertical light offset, see ``designed_latents``)
-and its encoder to that latent; the latents of a fixed rendered data set; then the text encoder (a small UMT5) and the
-``AuraFlowTransformer2DModel`` together, by flow matching (x_s = (1 - s) x0 + s noise, target
-noise - x0, s logit-normal then shifted as the scheduler shifts it), the prompt dropped to "" for
-a tenth of the samples so that classifier-free guidance works. Writes a diffusers pipeline folder
-that ``AuraFlowPipeline.from_pretrained`` loads unchanged; ``--pack`` also writes the fp16 copy the
-package ships (see ``weights.py``).
+The VAE (an ``AutoencoderKL``, 4 latent channels, 8x down) learns on rendered images: its decoder
+from a designed latent (block colors and vertical light offset, see ``designed_latents``), its
+encoder to that latent, then the decoder alone on noisier latents (``finetune_decoder``). The text
+encoder (a small UMT5) and the ``AuraFlowTransformer2DModel`` learn together by flow matching on the
+designed latents of a fixed rendered data set (x_s = (1 - s) x0 + s noise, target noise - x0, s
+logit-normal then shifted as the scheduler shifts it), the prompt dropped to "" for a tenth of the
+samples so that classifier-free guidance works. The two need nothing from each other: with two
+threads they run side by side, one process each (about 20 minutes on 2 cores). Writes a diffusers
+pipeline folder that ``AuraFlowPipeline.from_pretrained`` loads unchanged; ``--pack`` also writes
+the fp16 copy the package ships (see ``weights.py``).
 
 Training sees 16 context tokens, not 256: the pads around a prompt are zero after the text
 encoder's mask, hence identical tokens through every block, and k identical keys weigh in attention
@@ -56,10 +58,14 @@ class TinyConfig:
     # training
     seed: int = 0
     data: int = 8192  # rendered images (jittered scenes of the training triples)
-    vae_steps: int = 900
+    vae_steps: int = 3000
     vae_batch: int = 16
     vae_lr: float = 3e-3
-    steps: int = 1200
+    # then the decoder alone on latents with more noise (uniform 0..decoder_noise times N(0, 1))
+    decoder_steps: int = 1500
+    decoder_noise: float = 0.2
+    decoder_lr: float = 1e-3
+    steps: int = 3600
     batch: int = 64
     lr: float = 1e-3
     drop_prompt: float = 0.1
@@ -271,6 +277,44 @@ def train_vae(vae, images: torch.Tensor, masks: torch.Tensor, cfg: TinyConfig, l
     return losses
 
 
+def finetune_decoder(vae, images: torch.Tensor, masks: torch.Tensor, cfg: TinyConfig, log) -> list[float]:
+    """The decoder alone (encoder frozen), taught on designed latents with noise of a random
+    strength up to ``cfg.decoder_noise``. The transformer's latents are least exact at the object's
+    corners; a decoder that has only seen near-exact latents draws such corners round, so squares
+    came out as circles (generated shapes 81.5% right, squares 55%). Taught on noisier latents it
+    draws one of the world's shapes from them (measured on a first run: 90% held-in)."""
+    g = torch.Generator().manual_seed(cfg.seed + 5)
+    frozen = list(vae.encoder.parameters()) + list(vae.quant_conv.parameters())
+    for p in frozen:
+        p.requires_grad_(False)
+    params = [p for p in vae.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.decoder_lr, weight_decay=0.0)
+    losses = []
+    vae.train()
+    for step in range(cfg.decoder_steps):
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, cfg.decoder_steps, cfg.decoder_lr)
+        idx = torch.randint(len(images), (cfg.vae_batch,), generator=g)
+        x = images[idx]
+        target = designed_latents(x)
+        sigma = cfg.decoder_noise * torch.rand(cfg.vae_batch, 1, 1, 1, generator=g)
+        rec = vae.decode(target + sigma * torch.randn(target.shape, generator=g)).sample
+        w = 1 + 9 * masks[idx].float()
+        err = rec - x
+        loss = (w * (err.abs() + err**2)).mean() / w.mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if step % 50 == 0 or step == cfg.decoder_steps - 1:
+            log(f"decoder step {step}: loss {np.mean(losses[-50:]):.4f}")
+    for p in frozen:
+        p.requires_grad_(True)
+    vae.eval()
+    return losses
+
+
 @torch.no_grad()
 def encode_latents(vae, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
     return torch.cat(
@@ -367,12 +411,76 @@ def _load(folder: Path, work: Path):
     )
 
 
+def _vae_phase(cfg: TinyConfig, folder: str, log_path: str) -> None:
+    """The VAE phase in its own process (one thread): ``folder``/init in, ``folder``/trained out.
+    It needs nothing from the transformer phase (both learn the designed latents), so the two run
+    side by side, one core each."""
+    from diffusers import AutoencoderKL
+
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    with open(log_path, "a") as f:
+
+        def log(m):
+            print(m, file=f, flush=True)
+
+        images, masks, _ = render_data(cfg)
+        vae = AutoencoderKL.from_pretrained(Path(folder) / "init")
+        losses = train_vae(vae, images, masks, cfg, log)
+        dec_losses = finetune_decoder(vae, images, masks, cfg, log)
+        vae.save_pretrained(Path(folder) / "trained", safe_serialization=True)
+        record = {
+            "losses": _ends(losses),
+            "decoder_losses": _ends(dec_losses) if dec_losses else None,
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+        (Path(folder) / "trained" / "record.json").write_text(json.dumps(record))
+
+
+def _start_vae_phase(vae, cfg: TinyConfig, work: Path, log):
+    """Start the VAE phase in a spawned process; returns a function that waits for it and returns
+    (trained VAE, its loss ends, seconds)."""
+    import multiprocessing as mp
+
+    from diffusers import AutoencoderKL
+
+    vae.save_pretrained(work / "vae-phase" / "init", safe_serialization=True)
+    log_path = work / "vae-phase" / "log.txt"
+    log_path.write_text("")
+    proc = mp.get_context("spawn").Process(
+        target=_vae_phase, args=(cfg, str(work / "vae-phase"), str(log_path)), daemon=True
+    )
+    proc.start()
+
+    def wait():
+        seen = 0
+        while True:
+            proc.join(timeout=5)
+            lines = log_path.read_text().splitlines()
+            for line in lines[seen:]:
+                log(line)
+            seen = len(lines)
+            if not proc.is_alive():
+                break
+        if proc.exitcode != 0:
+            raise RuntimeError(f"the VAE phase failed (exit code {proc.exitcode}); see {log_path}")
+        rec = json.loads((work / "vae-phase" / "trained" / "record.json").read_text())
+        trained = AutoencoderKL.from_pretrained(work / "vae-phase" / "trained")
+        return trained, rec["losses"], rec["decoder_losses"], rec["seconds"]
+
+    return wait
+
+
 def train(
     out: str | Path, cfg: TinyConfig = TinyConfig(), log=print, resume: str | Path | None = None
 ) -> dict:
     """Train everything and write the pipeline folder ``out``; returns the training record.
     ``resume``: a folder this wrote; its VAE is kept and its transformer and text encoder train
-    ``cfg.steps`` more steps (a fresh warm-up and cosine)."""
+    ``cfg.steps`` more steps (a fresh warm-up and cosine).
+
+    With two or more torch threads the VAE trains in a second process while the transformer and
+    text encoder train here, one thread each (on 2 cores both phases run about as fast on one
+    thread as on two, so this halves the wall time)."""
     from diffusers import AuraFlowPipeline
 
     from ..backends.torch_backend import quiet_libraries
@@ -386,26 +494,37 @@ def train(
     images, masks, prompts = render_data(cfg)
     log(f"rendered {len(images)} images in {time.perf_counter() - t0:.1f} s")
     latents = designed_latents(images)
-    before = {}
+    # the transformer learns the designed latents, scaled to unit spread: no VAE needed for it
+    before, wait_vae, t_vae, vae_losses, dec_losses = {}, None, 0.0, [], []
     if resume is None:
         tokenizer, text_encoder, vae, transformer, scheduler = build_components(cfg, work)
-        vae_losses = train_vae(vae, images, masks, cfg, log)
         scale = float(1 / latents.std())
-        vae.register_to_config(scaling_factor=scale)
+        if torch.get_num_threads() >= 2:
+            wait_vae = _start_vae_phase(vae, cfg, work, log)
+            torch.set_num_threads(1)
+        else:
+            vae_losses = train_vae(vae, images, masks, cfg, log)
+            dec_losses = finetune_decoder(vae, images, masks, cfg, log)
+            t_vae = time.perf_counter() - t0
     else:
         tokenizer, text_encoder, vae, transformer, scheduler = _load(Path(resume), work)
         before = json.loads((Path(resume) / "training.json").read_text())
-        vae_losses, scale = [], float(vae.config.scaling_factor)
-    t_vae = time.perf_counter() - t0
-    encoder_rel_err = float((encode_latents(vae, images[:512]) - latents[:512]).norm() / latents[:512].norm())
-    vae_acc = vae_adherence(vae, cfg)
-    log(
-        f"VAE done at {t_vae:.0f} s; latent std {1 / scale:.3f}; encoder rel. error {encoder_rel_err:.3f}; "
-        f"grader on reconstructions {vae_acc}"
-    )
+        scale = float(vae.config.scaling_factor)
     stage = before.get("stage", -1) + 1
     tr_losses = train_transformer(
         transformer, text_encoder, tokenizer, latents * scale, prompts, cfg, log, stage=stage
+    )
+    t_transformer = time.perf_counter() - t0
+    vae_ends = _ends(vae_losses) if vae_losses else None
+    dec_ends = _ends(dec_losses) if dec_losses else None
+    if wait_vae is not None:
+        vae, vae_ends, dec_ends, t_vae = wait_vae()
+    vae.register_to_config(scaling_factor=scale)
+    encoder_rel_err = float((encode_latents(vae, images[:512]) - latents[:512]).norm() / latents[:512].norm())
+    vae_acc = vae_adherence(vae, cfg)
+    log(
+        f"VAE: {t_vae:.0f} s; latent std {1 / scale:.3f}; encoder rel. error {encoder_rel_err:.3f}; "
+        f"grader on reconstructions {vae_acc}"
     )
     t_all = time.perf_counter() - t0
     pipe = AuraFlowPipeline(
@@ -414,10 +533,12 @@ def train(
     pipe.save_pretrained(work / "pipe", safe_serialization=True)
     record = {
         "config": asdict(cfg),
-        "seconds": {"vae": round(t_vae, 1), "total": round(t_all, 1)},
-        "threads": torch.get_num_threads(),
+        "seconds": {"vae": round(t_vae, 1), "transformer": round(t_transformer, 1), "total": round(t_all, 1)},
+        "threads": 1 if wait_vae is not None else torch.get_num_threads(),
+        "processes": 2 if wait_vae is not None else 1,
         "stage": stage,
-        "vae_loss": _ends(vae_losses) if vae_losses else None,
+        "vae_loss": vae_ends,
+        "decoder_loss": dec_ends,
         "vae_reconstruction_accuracy": vae_acc,
         "vae_encoder_relative_error": encoder_rel_err,
         "flow_loss": _ends(tr_losses),
@@ -439,12 +560,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pack", help="also write the shipped fp16 copy here (e.g. engine/tiny/weights)")
     ap.add_argument("--resume", help="a folder this wrote: keep its VAE, train its transformer --steps more")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    for f in ("seed", "steps", "batch", "vae_steps", "data"):
+    for f in ("seed", "steps", "batch", "vae_steps", "decoder_steps", "data"):
         ap.add_argument(f"--{f.replace('_', '-')}", type=int, default=getattr(TinyConfig(), f))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = TinyConfig(
-        seed=args.seed, steps=args.steps, batch=args.batch, vae_steps=args.vae_steps, data=args.data
+        seed=args.seed,
+        steps=args.steps,
+        batch=args.batch,
+        vae_steps=args.vae_steps,
+        decoder_steps=args.decoder_steps,
+        data=args.data,
     )
     train(args.out, cfg, log=lambda m: print(m, flush=True), resume=args.resume)
     if args.pack:
