@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from auraflow_edge.engine.backends.cpu import describe_cpu
 from auraflow_edge.engine.tiny.grader import accuracy, grade
 from auraflow_edge.engine.tiny.weights import write_pipeline
 from auraflow_edge.engine.tiny.world import scene_set
@@ -184,7 +184,7 @@ def main() -> int:
         args.guidance,
         log=lambda m: print(m, file=sys.stderr, flush=True),
     )
-    res["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    res["machine"] = f"{describe_cpu()}, {os.cpu_count()} cores"
     print(table(res))
     if args.random:
         # does random-weights error (every earlier fidelity number) under- or over-state trained error?
