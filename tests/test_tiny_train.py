@@ -7,7 +7,9 @@ from diffusers.models.attention_processor import AuraFlowAttnProcessor2_0
 
 from auraflow_edge.engine.tiny import train as T
 
-CFG = T.TinyConfig(single=1, joint=1, data=64, vae_steps=15, decoder_steps=10, vae_batch=8, steps=40, batch=16)
+CFG = T.TinyConfig(
+    single=1, joint=1, data=64, vae_steps=15, decoder_steps=10, vae_batch=8, steps=40, batch=16
+)
 
 
 @pytest.fixture(scope="module")
