@@ -242,6 +242,34 @@ def designed_latents(images: torch.Tensor) -> torch.Tensor:
     return torch.cat([m, 4 * v], 1)
 
 
+def _pixel_loss(rec: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """L1 + L2, the object weighted: it is a tenth of the pixels but all of the prompt."""
+    w = 1 + 9 * mask.float()
+    err = rec - x
+    return (w * (err.abs() + err**2)).mean() / w.mean()
+
+
+def _fit(
+    params, batch_loss, cfg: TinyConfig, steps: int, lr: float, g, n: int, log, label: str
+) -> list[float]:
+    """AdamW with warm-up and cosine over ``steps``; each step the loss of ``batch_loss(idx)`` for
+    ``cfg.vae_batch`` indices drawn from ``n`` with ``g``. -> the losses."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    losses = []
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, steps, lr)
+        loss = batch_loss(torch.randint(n, (cfg.vae_batch,), generator=g))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if step % 50 == 0 or step == steps - 1:
+            log(f"{label} step {step}: loss {np.mean(losses[-50:]):.4f}")
+    return losses
+
+
 def train_vae(vae, images: torch.Tensor, masks: torch.Tensor, cfg: TinyConfig, log) -> list[float]:
     g = torch.Generator().manual_seed(cfg.seed + 1)
     with torch.no_grad():
@@ -249,30 +277,18 @@ def train_vae(vae, images: torch.Tensor, masks: torch.Tensor, cfg: TinyConfig, l
         for m in vae.modules():  # every residual block starts as the identity: a 20-conv stack trains fast
             if hasattr(m, "conv_shortcut") and hasattr(m, "conv2"):
                 m.conv2.weight.zero_()
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-    losses = []
-    vae.train()
-    for step in range(cfg.vae_steps):
-        for group in opt.param_groups:
-            group["lr"] = _lr(step, cfg.vae_steps, cfg.vae_lr)
-        idx = torch.randint(len(images), (cfg.vae_batch,), generator=g)
+
+    def batch_loss(idx):
         x = images[idx]
         target = designed_latents(x)
         enc = vae.encode(x).latent_dist.mean
         # the decoder sees the latent with a little noise: the transformer's latents are not exact
-        z = target + 0.05 * torch.randn(target.shape, generator=g)
-        rec = vae.decode(z).sample
-        # the object is a tenth of the pixels but all of the prompt: weigh it as much as the rest
-        w = 1 + 9 * masks[idx].float()
-        err = rec - x
-        loss = (w * (err.abs() + err**2)).mean() / w.mean() + F.mse_loss(enc, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
-        if step % 50 == 0 or step == cfg.vae_steps - 1:
-            log(f"vae step {step}: loss {np.mean(losses[-50:]):.4f}")
+        rec = vae.decode(target + 0.05 * torch.randn(target.shape, generator=g)).sample
+        return _pixel_loss(rec, x, masks[idx]) + F.mse_loss(enc, target)
+
+    vae.train()
+    params = list(vae.parameters())
+    losses = _fit(params, batch_loss, cfg, cfg.vae_steps, cfg.vae_lr, g, len(images), log, "vae")
     vae.eval()
     return losses
 
@@ -282,33 +298,22 @@ def finetune_decoder(vae, images: torch.Tensor, masks: torch.Tensor, cfg: TinyCo
     strength up to ``cfg.decoder_noise``. The transformer's latents are least exact at the object's
     corners; a decoder that has only seen near-exact latents draws such corners round, so squares
     came out as circles (generated shapes 81.5% right, squares 55%). Taught on noisier latents it
-    draws one of the world's shapes from them (measured on a first run: 90% held-in)."""
+    draws one of the world's shapes from them (a 1000-step trial: 90% of 100 held-in prompts)."""
     g = torch.Generator().manual_seed(cfg.seed + 5)
     frozen = list(vae.encoder.parameters()) + list(vae.quant_conv.parameters())
     for p in frozen:
         p.requires_grad_(False)
-    params = [p for p in vae.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.decoder_lr, weight_decay=0.0)
-    losses = []
-    vae.train()
-    for step in range(cfg.decoder_steps):
-        for group in opt.param_groups:
-            group["lr"] = _lr(step, cfg.decoder_steps, cfg.decoder_lr)
-        idx = torch.randint(len(images), (cfg.vae_batch,), generator=g)
+
+    def batch_loss(idx):
         x = images[idx]
         target = designed_latents(x)
-        sigma = cfg.decoder_noise * torch.rand(cfg.vae_batch, 1, 1, 1, generator=g)
+        sigma = cfg.decoder_noise * torch.rand(len(idx), 1, 1, 1, generator=g)
         rec = vae.decode(target + sigma * torch.randn(target.shape, generator=g)).sample
-        w = 1 + 9 * masks[idx].float()
-        err = rec - x
-        loss = (w * (err.abs() + err**2)).mean() / w.mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        losses.append(loss.item())
-        if step % 50 == 0 or step == cfg.decoder_steps - 1:
-            log(f"decoder step {step}: loss {np.mean(losses[-50:]):.4f}")
+        return _pixel_loss(rec, x, masks[idx])
+
+    vae.train()
+    params = [p for p in vae.parameters() if p.requires_grad]
+    losses = _fit(params, batch_loss, cfg, cfg.decoder_steps, cfg.decoder_lr, g, len(images), log, "decoder")
     for p in frozen:
         p.requires_grad_(True)
     vae.eval()
