@@ -1,6 +1,7 @@
 """ONNX Runtime backend: the three stages of an engine folder, no torch anywhere on this path.
 
-Sessions are created per stage and dropped after it, and their memory arenas with them. Quantized weights stay packed (MatMulNBits) in the session.
+Sessions are created per stage and dropped after it, and their memory arenas with them. Quantized
+weights stay packed (MatMulNBits) in the session.
 """
 
 from __future__ import annotations
