@@ -72,8 +72,11 @@ def test_grader_reads_every_unjittered_scene():
                     assert grader.read_image(world.render(s)) == s.attributes(), s
 
 
-def test_grader_reads_jittered_scenes_all_right():
+@pytest.mark.parametrize("jitter", [world.JITTER, 0.1])  # the world's, and the most the issue allows
+def test_grader_reads_jittered_scenes_all_right(monkeypatch, jitter):
+    monkeypatch.setattr(world, "JITTER", jitter)
     scenes = world.scene_set(400, "all", 7)
+    assert max(abs(s.size - 1) for s in scenes) > 0.9 * jitter
     grades = [grader.grade(s, world.render(s)) for s in scenes]
     assert grader.accuracy(grades) == {
         "all": 1.0,

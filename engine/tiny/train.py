@@ -9,7 +9,7 @@ encoder (a small UMT5) and the ``AuraFlowTransformer2DModel`` learn together by 
 designed latents of a fixed rendered data set (x_s = (1 - s) x0 + s noise, target noise - x0, s
 logit-normal then shifted as the scheduler shifts it), the prompt dropped to "" for a tenth of the
 samples so that classifier-free guidance works. The two need nothing from each other: with two
-threads they run side by side, one process each (about 20 minutes on 2 cores). Writes a diffusers
+threads they run side by side, one process each (about 17 minutes on 2 cores). Writes a diffusers
 pipeline folder that ``AuraFlowPipeline.from_pretrained`` loads unchanged; ``--pack`` also writes
 the fp16 copy the package ships (see ``weights.py``).
 
@@ -48,7 +48,7 @@ class TinyConfig:
     heads: int = 2
     head_dim: int = 64
     joint: int = 2
-    single: int = 2
+    single: int = 3
     # text encoder
     text_dim: int = 64
     text_layers: int = 2
